@@ -1,0 +1,1 @@
+"""Python client SDK for the BLIP caption service (typed API: see protos/)."""

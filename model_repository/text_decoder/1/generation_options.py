@@ -1,0 +1,101 @@
+"""Generation options of one caption request, their defaults and the limits a deployment enforces.
+
+Semantics are those of `transformers` `generate()`: the same names, the same meaning. A value outside its
+allowed range is refused with a message that names the option and the range, never silently clamped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+
+class OptionError(ValueError):
+    """An option value a request may not use; the message is meant for the person who sent it."""
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Upper bounds a deployment accepts (config.pbtxt `parameters` of `text_decoder`)."""
+
+    max_num_beams: int = 8
+    max_new_tokens: int = 64
+    max_num_return_sequences: int = 8
+    max_no_repeat_ngram_size: int = 16
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One request's options. Defaults follow the BLIP paper's captioning setting (3 beams, 5 to 20 tokens)."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    min_new_tokens: int = 5
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def with_values(self, **values) -> "GenerationOptions":
+        """A copy with the given (already typed) values; None means "not set"."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    @property
+    def rows(self) -> int:
+        """How many decoder rows this request occupies: its beams, or its independent samples."""
+        if self.num_beams > 1:
+            return self.num_beams
+        return self.num_return_sequences
+
+    def validate(self, limits: GenerationLimits, prompt_tokens: int, max_positions: int) -> None:
+        """Raises OptionError naming the first option outside its allowed range."""
+
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise OptionError(f"{name}={getattr(self, name)!r} is out of range: allowed {allowed}")
+
+        def in_range(name: str, low, high) -> None:
+            value = getattr(self, name)
+            check(name, low <= value <= high and math.isfinite(value), f"{low} to {high}")
+
+        in_range("num_beams", 1, limits.max_num_beams)
+        room = min(limits.max_new_tokens, max_positions - prompt_tokens)
+        if room < 1:
+            raise OptionError(
+                f"the prompt is {prompt_tokens} tokens long and leaves no room to generate "
+                f"(the model has {max_positions} positions)"
+            )
+        in_range("max_new_tokens", 1, room)
+        in_range("min_new_tokens", 0, self.max_new_tokens)
+        in_range("length_penalty", -10.0, 10.0)
+        check(
+            "repetition_penalty",
+            0.0 < self.repetition_penalty <= 10.0 and math.isfinite(self.repetition_penalty),
+            "greater than 0 and at most 10",
+        )
+        if self.num_beams > 1:
+            in_range("num_return_sequences", 1, self.num_beams)
+        elif self.do_sample:
+            in_range("num_return_sequences", 1, limits.max_num_return_sequences)
+        else:
+            check("num_return_sequences", self.num_return_sequences == 1, "1 for greedy decoding (num_beams=1 "
+                  "without do_sample); use beams or sampling for more")
+        in_range("no_repeat_ngram_size", 0, limits.max_no_repeat_ngram_size)
+        check(
+            "temperature",
+            0.0 < self.temperature <= 100.0 and math.isfinite(self.temperature),
+            "greater than 0 and at most 100",
+        )
+        in_range("top_k", 0, 1_000_000)
+        check("top_p", 0.0 < self.top_p <= 1.0, "greater than 0 and at most 1")
+        if self.seed is not None:
+            in_range("seed", 0, 2**63 - 1)

@@ -1,0 +1,159 @@
+"""Triton Python model `text_decoder`: image embeddings + prompt ids + options -> captions and scores.
+
+Inputs (per item): IMAGE_EMBEDS FP32 [L, hidden]; PROMPT_IDS INT64 [P] (optional: BOS alone; -1 entries are
+padding); the generation options of DESIGN.md, each optional, [1].
+Outputs (per item): CAPTIONS BYTES [K], SCORES FP32 [K], best first (K = num_return_sequences).
+
+All valid items of all requests in a batch are decoded together in one loop, whatever their options. A request
+with a bad option is answered with its own INVALID_ARG error; a request cancelled by its client stops
+decoding and is answered CANCELLED.
+"""
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from blip_text_decoder import BlipTextDecoder
+from caption_generation import generate
+from caption_text import CaptionDecoder
+from generation_options import GenerationLimits, GenerationOptions, OptionError
+
+# Triton input -> (GenerationOptions field, Python type).
+OPTION_INPUTS = {
+    "NUM_BEAMS": ("num_beams", int),
+    "MAX_NEW_TOKENS": ("max_new_tokens", int),
+    "MIN_NEW_TOKENS": ("min_new_tokens", int),
+    "LENGTH_PENALTY": ("length_penalty", float),
+    "REPETITION_PENALTY": ("repetition_penalty", float),
+    "NUM_RETURN_SEQUENCES": ("num_return_sequences", int),
+    "NO_REPEAT_NGRAM_SIZE": ("no_repeat_ngram_size", int),
+    "DO_SAMPLE": ("do_sample", bool),
+    "TEMPERATURE": ("temperature", float),
+    "TOP_K": ("top_k", int),
+    "TOP_P": ("top_p", float),
+    "SEED": ("seed", int),
+}
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items() if v.get("string_value")}
+
+
+def _typed(cls, values: dict[str, str], prefix: str):
+    """Instance of dataclass `cls` with fields overridden by `<prefix><field>` parameters."""
+    base = cls()
+    overrides = {}
+    for f in fields(cls):
+        if prefix + f.name in values:
+            kind = type(getattr(base, f.name))
+            raw = values[prefix + f.name]
+            overrides[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return cls(**{**base.__dict__, **overrides})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        directory = Path(args["model_repository"]) / args["model_version"]
+        threads = int(params.get("threads", "0")) or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.decoder = BlipTextDecoder.from_directory(directory, device=device)
+        decoding = json.loads((directory / "decoding.json").read_text())
+        self.texts = CaptionDecoder(directory / "tokenizer.json", decoding["clean_up_tokenization_spaces"])
+        self.defaults = _typed(GenerationOptions, params, "default_")
+        self.limits = _typed(GenerationLimits, params, "limit_")
+        self.bos = self.decoder.config.bos_token_id
+
+    def execute(self, requests):
+        items, owners, errors = [], [], [None] * len(requests)
+        for r, request in enumerate(requests):
+            try:
+                parsed = self._parse(request)
+            except _BadRequest as exc:
+                errors[r] = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                continue
+            items.extend(parsed)
+            owners.extend([r] * len(parsed))
+
+        results = []
+        if items:
+            embeds = torch.from_numpy(np.stack([embeds for embeds, _, _ in items]))
+            results = generate(
+                self.decoder,
+                embeds,
+                [prompt for _, prompt, _ in items],
+                [options for _, _, options in items],
+                is_cancelled=lambda i: requests[owners[i]].is_cancelled(),
+            )
+
+        per_request = [[] for _ in requests]
+        for owner, hypotheses in zip(owners, results):
+            if hypotheses is None:
+                errors[owner] = pb_utils.TritonError("the request was cancelled", pb_utils.TritonError.CANCELLED)
+            per_request[owner].append(hypotheses)
+
+        responses = []
+        for request_results, error in zip(per_request, errors):
+            if error is not None:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
+            captions = [self.texts([h.tokens for h in hypotheses]) for hypotheses in request_results]
+            scores = [[h.score for h in hypotheses] for hypotheses in request_results]
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("CAPTIONS", np.array([[c.encode("utf-8") for c in row] for row in captions],
+                                                             dtype=np.object_)),
+                        pb_utils.Tensor("SCORES", np.array(scores, dtype=np.float32)),
+                    ]
+                )
+            )
+        return responses
+
+    def _parse(self, request) -> list[tuple[np.ndarray, list[int], GenerationOptions]]:
+        embeds = pb_utils.get_input_tensor_by_name(request, "IMAGE_EMBEDS").as_numpy()
+        count = len(embeds)
+        hidden = self.decoder.config.encoder_hidden_size
+        if embeds.ndim != 3 or embeds.shape[2] != hidden or embeds.dtype != np.float32:
+            raise _BadRequest(f"IMAGE_EMBEDS must be float32 [L, {hidden}] per item; got {embeds.dtype} "
+                              f"{list(embeds.shape[1:])}")
+        prompt_tensor = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS")
+        prompt_ids = prompt_tensor.as_numpy().reshape(count, -1) if prompt_tensor is not None else None
+        values = {}
+        for name, (field, kind) in OPTION_INPUTS.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                array = tensor.as_numpy().reshape(-1)
+                if len(array) != count:
+                    raise _BadRequest(f"{name} has {len(array)} values for {count} items")
+                values[field] = [kind(v) for v in array.tolist()]
+        parsed = []
+        for i in range(count):
+            where = f"item {i}: " if count > 1 else ""
+            prompt = [self.bos] if prompt_ids is None else [int(t) for t in prompt_ids[i] if t >= 0]
+            if not prompt or prompt[0] != self.bos or max(prompt) >= self.decoder.config.vocab_size:
+                raise _BadRequest(f"{where}PROMPT_IDS must start with BOS ({self.bos}) and hold token ids "
+                                  f"below {self.decoder.config.vocab_size}")
+            options = self.defaults.with_values(**{k: v[i] for k, v in values.items()})
+            try:
+                options.validate(self.limits, len(prompt), self.decoder.config.max_position_embeddings)
+            except OptionError as exc:
+                raise _BadRequest(f"{where}{exc}") from None
+            parsed.append((embeds[i], prompt, options))
+        counts = {options.num_return_sequences for _, _, options in parsed}
+        if len(counts) > 1:
+            raise _BadRequest("all items of one request must ask for the same num_return_sequences")
+        return parsed

@@ -1,0 +1,74 @@
+"""Triton Python model `vision_encoder`: the checkpoint's BlipVisionModel as ONNX, run by ONNX Runtime.
+
+This is the embedded target, whose Triton build has only the Python backend. In NVIDIA's container the same
+`model.onnx` is served by the native `onnxruntime` backend instead (`blip-export --target triton-container`).
+
+Input (per item): PIXEL_VALUES FP32 [3, H, W]. Output (per item): IMAGE_EMBEDS FP32 [L, hidden].
+All requests of a batch go through one session run (in chunks of `max_batch_size`).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _parameter(config: dict, name: str, default: int) -> int:
+    value = config.get("parameters", {}).get(name, {}).get("string_value", "")
+    return int(value) if value else default
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        directory = Path(args["model_repository"]) / args["model_version"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _parameter(config, "threads", 0) or len(os.sched_getaffinity(0))
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+        self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
+        expected = self.session.get_inputs()[0].shape
+        self.item_shape = tuple(expected[1:])
+        self.max_batch = max(1, int(config.get("max_batch_size", 0)) or 1)
+
+    def execute(self, requests):
+        batches, errors = [], []
+        for request in requests:
+            pixels = pb_utils.get_input_tensor_by_name(request, "PIXEL_VALUES").as_numpy()
+            if pixels.shape[1:] != self.item_shape or pixels.dtype != np.float32:
+                errors.append(
+                    f"PIXEL_VALUES must be float32 [{', '.join(map(str, self.item_shape))}] per item; "
+                    f"got {pixels.dtype} {list(pixels.shape[1:])}"
+                )
+                batches.append(None)
+            else:
+                errors.append(None)
+                batches.append(pixels)
+        valid = [b for b in batches if b is not None]
+        embeds = self._encode(np.concatenate(valid)) if valid else None
+        responses, offset = [], 0
+        for pixels, error in zip(batches, errors):
+            if error is not None:
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)
+                    )
+                )
+                continue
+            items = embeds[offset : offset + len(pixels)]
+            offset += len(pixels)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", items)]))
+        return responses
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        outputs = [
+            self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.max_batch]})[0]
+            for i in range(0, len(pixels), self.max_batch)
+        ]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

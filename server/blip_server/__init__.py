@@ -1,0 +1,18 @@
+"""BLIP image captioning served by NVIDIA Triton: checkpoint export, the embedded Triton launcher, `blip-serve`."""
+
+from blip_server.config import ServeConfig
+from blip_server.errors import BlipServerError, ExportError, ModelNotFoundError, TritonStartError
+from blip_server.export import ExportOptions, export_checkpoint
+from blip_server.triton import EmbeddedTriton, TritonOptions
+
+__all__ = [
+    "BlipServerError",
+    "EmbeddedTriton",
+    "ExportError",
+    "ExportOptions",
+    "ModelNotFoundError",
+    "ServeConfig",
+    "TritonOptions",
+    "TritonStartError",
+    "export_checkpoint",
+]

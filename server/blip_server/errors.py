@@ -1,0 +1,17 @@
+"""Errors of the serving side that a person acts on: each message says what is wrong and what to do."""
+
+
+class BlipServerError(Exception):
+    """Base class: a failure with a message meant for the operator."""
+
+
+class ExportError(BlipServerError):
+    """A checkpoint cannot be exported (not BLIP captioning, missing files, failed verification)."""
+
+
+class ModelNotFoundError(BlipServerError):
+    """`--model` names neither a checkpoint nor an exported model repository."""
+
+
+class TritonStartError(BlipServerError):
+    """The embedded Triton server did not become ready; the message carries its log tail."""

@@ -1,0 +1,196 @@
+"""`blip-export`: a HuggingFace BLIP captioning checkpoint -> a complete Triton model repository.
+
+The repository is the template in `model_repository/` (configs and Python models) plus what the checkpoint
+provides:
+
+- `vision_encoder/1/model.onnx`: BlipVisionModel with a dynamic batch axis, verified against PyTorch;
+- `text_decoder/1/decoder.safetensors` + `decoder_config.json`: the text decoder's weights and sizes;
+- `preprocess/1/image_processor.json`, `preprocess.json` and both models' `tokenizer.json`: preprocessing,
+  special token ids and the tokenizer, all read from the checkpoint;
+- `blip_export.json`: what was exported, from where, and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from blip_server.checkpoint import check_layout, content_digest, decoder_config, image_settings
+from blip_server.errors import ExportError
+from blip_server.repository import MANIFEST, template_directory, write_container_encoder_config
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32",)
+TARGETS = ("embedded", "triton-container")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """How to export.
+
+    precision: numeric precision of the exported encoder and decoder.
+    target: `embedded` (the pip-installed tritonserver: Python backend only) or `triton-container`
+        (NVIDIA's image: the encoder runs on the native onnxruntime backend).
+    opset: ONNX opset of the encoder graph.
+    tolerance: largest |onnx - torch| accepted when verifying the encoder, relative to max |torch|.
+    """
+
+    precision: str = "fp32"
+    target: str = "embedded"
+    opset: int = 17
+    tolerance: float = 1e-4
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, options: ExportOptions = ExportOptions()) -> dict:
+    """Export `checkpoint` into the (new or empty) directory `output`; returns the manifest."""
+    checkpoint, output = Path(checkpoint).resolve(), Path(output)
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"precision {options.precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+    if options.target not in TARGETS:
+        raise ExportError(f"target {options.target!r} is not supported; choose from {', '.join(TARGETS)}")
+    check_layout(checkpoint)
+    if output.exists() and any(output.iterdir()):
+        raise ExportError(f"{output} exists and is not empty")
+    # Build beside the destination and rename at the end: an interrupted export leaves no half repository.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.parent / f".{output.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        manifest = _export(checkpoint, partial, options)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if output.exists():
+        output.rmdir()
+    partial.rename(output)
+    return manifest
+
+
+def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    started = time.monotonic()
+    log.info("loading %s", checkpoint)
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+        model = BlipForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    except Exception as exc:
+        raise ExportError(f"transformers could not load {checkpoint}: {exc}") from exc
+    vision_config, text_config = model.config.vision_config, model.config.text_config
+    images = image_settings(processor.image_processor, vision_config.image_size)
+
+    shutil.copytree(template_directory(), output, ignore=shutil.ignore_patterns("__pycache__", ".gitkeep"),
+                    dirs_exist_ok=True)
+    preprocess, encoder, decoder = (output / name / "1" for name in ("preprocess", "vision_encoder", "text_decoder"))
+
+    log.info("exporting the vision encoder to ONNX")
+    _export_vision_encoder(model.vision_model, encoder / "model.onnx", images["height"], images["width"], options)
+
+    log.info("writing the text decoder")
+    _write_json(decoder / "decoder_config.json", decoder_config(text_config))
+    _save_decoder_weights(model.text_decoder, decoder / "decoder.safetensors")
+    tokenizer = processor.tokenizer
+    for directory in (preprocess, decoder):
+        tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    _write_json(decoder / "decoding.json", {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)})
+    _write_json(preprocess / "image_processor.json", images)
+    _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id})
+
+    if options.target == "triton-container":
+        tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
+        write_container_encoder_config(output / "vision_encoder", images["height"], images["width"], tokens,
+                                       vision_config.hidden_size)
+
+    manifest = {
+        "format": 1,
+        "source": str(checkpoint),
+        "checkpoint_sha256": content_digest(checkpoint),
+        **asdict(options),
+        "image_size": [images["height"], images["width"]],
+        "vocab_size": text_config.vocab_size,
+        "special_token_ids": {k: decoder_config(text_config)[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
+    }
+    _write_json(output / MANIFEST, manifest)
+    log.info("exported in %.1f s", time.monotonic() - started)
+    return manifest
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _save_decoder_weights(text_decoder, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Tied tensors (LM head = word embeddings) share storage; safetensors wants each saved on its own.
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in text_decoder.state_dict().items()}
+    save_file(tensors, str(path))
+
+
+def _export_vision_encoder(vision_model, path: Path, height: int, width: int, options: ExportOptions) -> None:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    class VisionEncoder(torch.nn.Module):
+        def __init__(self, vision):
+            super().__init__()
+            self.vision = vision
+
+        def forward(self, pixel_values):
+            return self.vision(pixel_values=pixel_values).last_hidden_state
+
+    wrapper = VisionEncoder(vision_model).eval()
+    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = wrapper(example).numpy()
+    # The TorchScript-based exporter: deterministic, no extra dependency, fine for a ViT.
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(path),
+        input_names=["PIXEL_VALUES"],
+        output_names=["IMAGE_EMBEDS"],
+        dynamic_axes={"PIXEL_VALUES": {0: "batch"}, "IMAGE_EMBEDS": {0: "batch"}},
+        opset_version=options.opset,
+        dynamo=False,
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"PIXEL_VALUES": example.numpy()})[0]
+    error = float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))
+    if not np.isfinite(error) or error > options.tolerance:
+        raise ExportError(f"the ONNX vision encoder differs from PyTorch by {error:.2e} (tolerance {options.tolerance})")
+    log.info("ONNX vision encoder verified: relative max difference %.2e", error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="blip-export", description="Export a HuggingFace BLIP captioning checkpoint to a Triton model repository."
+    )
+    parser.add_argument("--model", required=True, help="HuggingFace checkpoint directory (a hub snapshot)")
+    parser.add_argument("--output", required=True, help="model repository to create (must not exist or be empty)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--target", choices=TARGETS, default="embedded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        export_checkpoint(args.model, args.output, ExportOptions(precision=args.precision, target=args.target))
+    except ExportError as exc:
+        print(f"blip-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(args.output).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Which model repository to serve: an exported one as given, or a checkpoint exported once and cached.
+
+A checkpoint is exported on first use into `<cache>/repositories/<key>`, where the key hashes the checkpoint's
+content together with everything the export depends on (the model repository template, the export code, the
+precision): the same checkpoint is never exported twice, and a changed one never served stale.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+from pathlib import Path
+
+from blip_server import checkpoint as checkpoint_module
+from blip_server import export as export_module
+from blip_server.checkpoint import check_layout, content_digest
+from blip_server.errors import ExportError, ModelNotFoundError
+from blip_server.export import ExportOptions, export_checkpoint
+from blip_server.repository import MANIFEST, is_model_repository, template_directory
+
+log = logging.getLogger(__name__)
+
+
+def demo_checkpoint() -> Path:
+    """The demo checkpoint shipped in the source tree (`models/blip-demo`)."""
+    return Path(__file__).resolve().parents[2] / "models" / "blip-demo"
+
+
+def export_fingerprint(options: ExportOptions) -> str:
+    digest = hashlib.sha256(repr(sorted(vars(options).items())).encode())
+    template = template_directory()
+    sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    sources += [Path(checkpoint_module.__file__), Path(export_module.__file__)]
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = ExportOptions()) -> Path:
+    """The model repository to serve for `model` (None: the demo checkpoint)."""
+    model = Path(model) if model is not None else demo_checkpoint()
+    if not model.exists():
+        raise ModelNotFoundError(f"--model {model} does not exist")
+    if is_model_repository(model):
+        return model
+    try:
+        check_layout(model)
+    except ExportError as exc:
+        raise ModelNotFoundError(f"{exc}; --model takes a checkpoint directory or an exported model repository") from None
+    key = hashlib.sha256((content_digest(model) + export_fingerprint(options)).encode()).hexdigest()[:24]
+    repositories = cache_dir / "repositories"
+    repositories.mkdir(parents=True, exist_ok=True)
+    target = repositories / key
+    with open(repositories / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another blip-serve may be exporting the same checkpoint
+        if (target / MANIFEST).is_file():
+            log.info("using %s, exported earlier from %s", target, model)
+            return target
+        log.info("exporting %s to %s (once; later starts reuse it)", model, target)
+        export_checkpoint(model, target, options)
+    return target

@@ -1,0 +1,57 @@
+"""The Triton model repository: where its template lives, how to recognise an exported one, config edits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from blip_server.errors import ModelNotFoundError
+
+MANIFEST = "blip_export.json"
+MODELS = ("preprocess", "vision_encoder", "text_decoder", "blip_caption")
+ENSEMBLE = "blip_caption"
+
+
+def template_directory() -> Path:
+    """`model_repository/` of the source tree this package is installed from."""
+    path = Path(__file__).resolve().parents[2] / "model_repository"
+    if not (path / ENSEMBLE / "config.pbtxt").is_file():
+        raise ModelNotFoundError(
+            f"the model repository template is not at {path}; install this package from its source tree "
+            "(pip install -e .)"
+        )
+    return path
+
+
+def is_model_repository(path: Path) -> bool:
+    return (path / ENSEMBLE / "config.pbtxt").is_file()
+
+
+def read_manifest(repository: Path) -> dict:
+    path = repository / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def parse_config(path: Path):
+    """config.pbtxt -> inference.ModelConfig (raises text_format.ParseError when invalid)."""
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def write_container_encoder_config(model_dir: Path, height: int, width: int, tokens: int, hidden: int) -> None:
+    """Serve `model.onnx` with Triton's native onnxruntime backend (NVIDIA's container), exact dims."""
+    config = parse_config(model_dir / "config.pbtxt")
+    config.backend = "onnxruntime"
+    config.ClearField("parameters")
+    del config.input[0].dims[:]
+    config.input[0].dims.extend([3, height, width])
+    del config.output[0].dims[:]
+    config.output[0].dims.extend([tokens, hidden])
+    (model_dir / "config.pbtxt").write_text(
+        "# The checkpoint's BlipVisionModel (1/model.onnx) on Triton's onnxruntime backend.\n"
+        + text_format.MessageToString(config)
+    )
+    (model_dir / "1" / "model.py").unlink()

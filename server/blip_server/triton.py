@@ -1,0 +1,210 @@
+"""The embedded Triton Inference Server: the `tritonserver` binary carried by the `nvidia-pytriton` wheel.
+
+Only the binary, its Python backend and its shared libraries are used, not PyTriton's Python API. The server
+runs in its own process group (so its Python-backend stubs can be stopped with it), dies with this process
+(PR_SET_PDEATHSIG) and writes its log to a file whose tail is shown when something goes wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from blip_server.errors import TritonStartError
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonOptions:
+    """How to run tritonserver.
+
+    model_repository: the exported repository to serve.
+    host: address HTTP, gRPC and metrics bind to (loopback unless the operator opens it up).
+    grpc_port, http_port, metrics_port: where Triton listens.
+    startup_timeout: seconds to wait for readiness (models load then).
+    exit_timeout: seconds Triton may take to finish in-flight requests on shutdown.
+    log_verbose: Triton's --log-verbose level.
+    """
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    startup_timeout: float = 300.0
+    exit_timeout: int = 30
+    log_verbose: int = 0
+
+
+def _wheel_paths() -> tuple[Path, Path, Path]:
+    """(tritonserver binary, python backend dir, the wheel's shared libraries)."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TritonStartError("the nvidia-pytriton wheel, which carries tritonserver, is not installed") from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return root / "bin" / "tritonserver", root / "backends" / "python", libs
+
+
+def _stub(python_version: str) -> Path:
+    import pytriton
+
+    stub = Path(pytriton.__file__).parent / "tritonserver" / "python_backend_stubs" / python_version
+    stub = stub / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"the nvidia-pytriton wheel has no Python backend stub for Python {python_version}")
+    return stub
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EmbeddedTriton:
+    """Start, supervise and stop one tritonserver process.
+
+    Use as a context manager, or call start() / wait_ready() / stop().
+    """
+
+    def __init__(self, options: TritonOptions):
+        self.options = options
+        self._process: subprocess.Popen | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="blip-triton-"))
+        self.log_path = self._workdir / "tritonserver.log"
+
+    def __enter__(self) -> "EmbeddedTriton":
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.cleanup()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def command(self) -> list[str]:
+        o = self.options
+        binary, _, _ = _wheel_paths()
+        return [
+            str(binary),
+            f"--model-repository={Path(o.model_repository).resolve()}",
+            f"--backend-directory={self._workdir / 'backends'}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={o.exit_timeout}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--http-address={o.host}",
+            f"--http-port={o.http_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            f"--log-verbose={o.log_verbose}",
+            # Python-backend tensors travel through shared memory; start big enough for a batch of embeddings.
+            "--backend-config=python,shm-default-byte-size=33554432",
+            "--backend-config=python,shm-growth-byte-size=33554432",
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        _, _, libs = _wheel_paths()
+        env = dict(os.environ)
+        library_path = [sysconfig.get_config_var("LIBDIR"), str(libs)]
+        if env.get("LD_LIBRARY_PATH"):
+            library_path.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
+        # The stub embeds the interpreter it finds first on PATH: this environment's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def start(self) -> None:
+        _, backend, _ = _wheel_paths()
+        python_backend = self._workdir / "backends" / "python"
+        shutil.copytree(backend, python_backend, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        shutil.copy2(_stub(f"{sys.version_info.major}.{sys.version_info.minor}"), python_backend)
+        log = self.log_path.open("wb")
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._environment(),
+            cwd=self._workdir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def is_ready(self) -> bool:
+        url = f"http://{_connect_host(self.options.host)}:{self.options.http_port}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                code = self._process.returncode if self._process else None
+                raise TritonStartError(f"tritonserver exited with status {code} while starting:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TritonStartError(
+            f"tritonserver was not ready after {self.options.startup_timeout:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Triton's error lines (its status tables push them out of any tail), then the last `lines` lines."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in text[:-lines] if line.startswith("E") and line[1:5].isdigit()]
+        return "\n".join(errors + text[-lines:])
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL the whole process group if it lingers."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout if timeout is not None else self.options.exit_timeout + 10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # stubs left behind, if any
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait()
+        return process.returncode
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
