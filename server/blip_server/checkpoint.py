@@ -43,6 +43,7 @@ def image_settings(image_processor, vision_image_size: int) -> dict:
         "height": int(height),
         "width": int(width),
         "resample": int(image_processor.resample),
+        "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", False)),
         "do_resize": True,
         "do_rescale": bool(image_processor.do_rescale),
         "rescale_factor": float(image_processor.rescale_factor),

@@ -7,6 +7,7 @@ provides:
 - `text_decoder/1/decoder.safetensors` + `decoder_config.json`: the text decoder's weights and sizes;
 - `preprocess/1/image_processor.json`, `preprocess.json` and both models' `tokenizer.json`: preprocessing,
   special token ids and the tokenizer, all read from the checkpoint;
+- `preprocess/1/generation_options.py`: a copy of the decoder's, so both models handle options alike;
 - `blip_export.json`: what was exported, from where, and how.
 """
 
@@ -18,6 +19,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,7 +105,10 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
         tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
     _write_json(decoder / "decoding.json", {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)})
     _write_json(preprocess / "image_processor.json", images)
-    _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id})
+    _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id,
+                                                 "max_position_embeddings": text_config.max_position_embeddings})
+    # One source for option handling: preprocess resolves the options, text_decoder validates them again.
+    shutil.copy2(decoder / "generation_options.py", preprocess / "generation_options.py")
 
     if options.target == "triton-container":
         tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
@@ -154,17 +159,19 @@ def _export_vision_encoder(vision_model, path: Path, height: int, width: int, op
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = wrapper(example).numpy()
-    # The TorchScript-based exporter: deterministic, no extra dependency, fine for a ViT.
-    torch.onnx.export(
-        wrapper,
-        (example,),
-        str(path),
-        input_names=["PIXEL_VALUES"],
-        output_names=["IMAGE_EMBEDS"],
-        dynamic_axes={"PIXEL_VALUES": {0: "batch"}, "IMAGE_EMBEDS": {0: "batch"}},
-        opset_version=options.opset,
-        dynamo=False,
-    )
+    # The TorchScript-based exporter: deterministic, no extra dependency, fine for a ViT (torch is pinned).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            input_names=["PIXEL_VALUES"],
+            output_names=["IMAGE_EMBEDS"],
+            dynamic_axes={"PIXEL_VALUES": {0: "batch"}, "IMAGE_EMBEDS": {0: "batch"}},
+            opset_version=options.opset,
+            dynamo=False,
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = session.run(None, {"PIXEL_VALUES": example.numpy()})[0]
     error = float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))

@@ -24,8 +24,8 @@ from pathlib import Path
 _WORDS = (
     "a an the of and with on in at near to from by two three small large red green blue yellow purple orange "
     "white black circle square triangle picture photo image dog cat man woman person table street car tree sky "
-    "water grass field road house building sitting standing holding next top front back left right"
-).split()
+    "water grass field road house building sitting standing holding next top front back left right s t"
+).split() + [".", ",", "'", "!", "?"]
 _SUFFIXES = ["##s", "##ed", "##ing", "##er", "##ly"]
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from blip_server.errors import TritonStartError
 
 _PR_SET_PDEATHSIG = 1
+# Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
+_BENIGN_WITHOUT_GPU = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +183,10 @@ class EmbeddedTriton:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        errors = [line for line in text[:-lines] if line.startswith("E") and line[1:5].isdigit()]
+        errors = [
+            line for line in text[:-lines]
+            if line.startswith("E") and line[1:5].isdigit() and not any(b in line for b in _BENIGN_WITHOUT_GPU)
+        ]
         return "\n".join(errors + text[-lines:])
 
     def stop(self, timeout: float | None = None) -> int | None:

@@ -2,7 +2,8 @@
 
 The pipeline loads an image with `PIL.Image.open`, applies its EXIF orientation (`ImageOps.exif_transpose`)
 and converts it with `convert("RGB")`. The checkpoint's image processor (the PIL backend of
-`BlipImageProcessor`) then resizes to the configured size with the configured resample filter, rescales in
+`BlipImageProcessor`) then converts to RGB once more, compositing onto white any transparency that survived
+(`convert("RGB")` keeps a palette image's transparent colour as `info["transparency"]`), resizes to the configured size with the configured resample filter, rescales in
 float64 before casting to float32, and normalises with the checkpoint's mean and std in float32. Every
 operation here is the same operation, in the same order and precision, so pixel values match bit for bit.
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# What Pillow calls the formats we accept (MPO is how Pillow opens many phones' multi-picture JPEGs).
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pillow's names of the formats we accept ("JPEG" also opens phones' multi-picture MPO files).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageError(ValueError):
@@ -33,6 +34,7 @@ class ImageProcessorConfig:
     height: int
     width: int
     resample: int
+    do_convert_rgb: bool
     do_resize: bool
     do_rescale: bool
     rescale_factor: float
@@ -80,8 +82,19 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"could not decode the {image.format} image: {exc}") from None
 
 
+def _convert_to_rgb(image: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
 def pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
     """An RGB image -> float32 [3, height, width], as BlipImageProcessor (PIL backend) computes it."""
+    if config.do_convert_rgb:
+        image = _convert_to_rgb(image)
     if config.do_resize:
         image = image.resize((config.width, config.height), resample=config.resample, reducing_gap=None)
     array = np.asarray(image)

@@ -1,11 +1,14 @@
-"""Triton Python model `preprocess`: encoded image + optional prompt -> pixel values + decoder prompt ids.
+"""Triton Python model `preprocess`: one caption request -> what the encoder and the decoder need.
 
-Inputs (per item): IMAGE BYTES [1], PROMPT BYTES [1] (optional, UTF-8).
+Inputs (per item): IMAGE BYTES [1]; PROMPT BYTES [1] (optional, UTF-8); the generation options of DESIGN.md
+(each optional, [1]).
 Outputs (per item): PIXEL_VALUES FP32 [3, H, W]; PROMPT_IDS INT64 [P] (BOS first; right-padded with -1 when
-the items of one request have prompts of different lengths).
+the items of one request have prompts of different lengths); GENERATION_OPTIONS BYTES [1] (the options with
+defaults filled in, as JSON).
 
-Images of a batch are decoded and resized on a thread pool (Pillow releases the GIL). A request whose image or
-prompt is bad is answered with its own INVALID_ARG error; the other requests of the batch are unaffected.
+Options are resolved and validated first, so a bad request is refused before any image work; images of a
+batch are decoded and resized on a thread pool (Pillow releases the GIL). A bad request is answered with its
+own INVALID_ARG error; the other requests of the batch are unaffected.
 """
 
 import json
@@ -16,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
 from image_preprocessing import ImageError, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
-
-
-def _parameter(config: dict, name: str, default: int) -> int:
-    value = config.get("parameters", {}).get(name, {}).get("string_value", "")
-    return int(value) if value else default
 
 
 class _BadRequest(Exception):
@@ -32,16 +31,20 @@ class _BadRequest(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"]
         settings = json.loads((directory / "preprocess.json").read_text())
         self.image_config = ImageProcessorConfig.from_json(directory / "image_processor.json")
-        self.max_pixels = _parameter(config, "max_image_pixels", 64_000_000)
+        self.max_pixels = int(params.get("max_image_pixels") or 64_000_000)
+        self.max_positions = settings["max_position_embeddings"]
         self.prompts = PromptTokenizer(
             directory / "tokenizer.json",
             bos_token_id=settings["bos_token_id"],
-            max_tokens=_parameter(config, "max_prompt_tokens", 64),
+            max_tokens=int(params.get("max_prompt_tokens") or 64),
         )
-        threads = _parameter(config, "threads", 0) or len(os.sched_getaffinity(0))
+        self.defaults = from_parameters(GenerationOptions, params, "default_")
+        self.limits = from_parameters(GenerationLimits, params, "limit_")
+        threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
 
     def execute(self, requests):
@@ -49,46 +52,57 @@ class TritonPythonModel:
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
             prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
-            prompts = prompt.as_numpy().reshape(-1) if prompt is not None else [None] * len(images)
-            jobs.append(self.pool.submit(self._prepare, list(images), list(prompts)))
+            prompts = list(prompt.as_numpy().reshape(-1)) if prompt is not None else [None] * len(images)
+            options = {}
+            for name, (field, kind) in TRITON_INPUTS.items():
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    options[field] = [kind(v) for v in tensor.as_numpy().reshape(-1).tolist()]
+            jobs.append(self.pool.submit(self._prepare, list(images), prompts, options))
         responses = []
         for job in jobs:
             try:
-                pixels, prompt_ids = job.result()
+                outputs = job.result()
             except _BadRequest as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                    )
-                )
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("PIXEL_VALUES", pixels), pb_utils.Tensor("PROMPT_IDS", prompt_ids)]
-                )
-            )
+            names = ("PIXEL_VALUES", "PROMPT_IDS", "GENERATION_OPTIONS")
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
         return responses
 
-    def _prepare(self, images: list, prompts: list) -> tuple[np.ndarray, np.ndarray]:
-        if len(prompts) != len(images):
-            raise _BadRequest(f"PROMPT has {len(prompts)} items but IMAGE has {len(images)}")
-        pixels, ids = [], []
-        for index, (image, prompt) in enumerate(zip(images, prompts)):
-            where = f"item {index}: " if len(images) > 1 else ""
+    def _prepare(self, images: list, prompts: list, options: dict[str, list]):
+        count = len(images)
+        for name, values in [("PROMPT", prompts)] + [(n, options[f]) for n, (f, _) in TRITON_INPUTS.items() if f in options]:
+            if len(values) != count:
+                raise _BadRequest(f"{name} has {len(values)} values for {count} images")
+        items = []
+        for i in range(count):
+            where = f"item {i}: " if count > 1 else ""
             try:
-                text = None if prompt is None else bytes(prompt).decode("utf-8")
+                text = None if prompts[i] is None else bytes(prompts[i]).decode("utf-8")
+                ids = self.prompts(text)
+                resolved = self.defaults.with_values(**{field: values[i] for field, values in options.items()})
+                resolved.validate(self.limits, len(ids), self.max_positions)
             except UnicodeDecodeError:
                 raise _BadRequest(f"{where}PROMPT is not valid UTF-8") from None
+            except (PromptError, OptionError) as exc:
+                raise _BadRequest(f"{where}{exc}") from None
+            items.append((ids, resolved))
+        if len({resolved.num_return_sequences for _, resolved in items}) > 1:
+            raise _BadRequest("all images of one request must ask for the same num_return_sequences")
+        pixels = []
+        for i, image in enumerate(images):
             try:
                 pixels.append(preprocess(bytes(image), self.image_config, self.max_pixels))
-                ids.append(self.prompts(text))
-            except (ImageError, PromptError) as exc:
-                raise _BadRequest(f"{where}{exc}") from None
-        width = max(len(i) for i in ids)
-        prompt_ids = np.full((len(ids), width), -1, dtype=np.int64)
-        for row, i in enumerate(ids):
-            prompt_ids[row, : len(i)] = i
-        return np.stack(pixels), prompt_ids
+            except ImageError as exc:
+                raise _BadRequest(f"item {i}: {exc}" if count > 1 else str(exc)) from None
+        width = max(len(ids) for ids, _ in items)
+        prompt_ids = np.full((count, width), -1, dtype=np.int64)
+        for row, (ids, _) in enumerate(items):
+            prompt_ids[row, : len(ids)] = ids
+        resolved = np.array([[r.to_json().encode()] for _, r in items], dtype=np.object_)
+        return np.stack(pixels), prompt_ids, resolved
 
     def finalize(self):
         self.pool.shutdown(wait=True)

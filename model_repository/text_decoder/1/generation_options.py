@@ -2,12 +2,45 @@
 
 Semantics are those of `transformers` `generate()`: the same names, the same meaning. A value outside its
 allowed range is refused with a message that names the option and the range, never silently clamped.
+
+`preprocess` resolves a request's options (defaults for what is unset, then validation) and hands them to
+`text_decoder` as one JSON tensor, so that the decoder's dynamic batcher sees the same inputs for every
+request whichever options they set. This file is the single source; `blip-export` copies it into both models.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+
+# Triton input of the `blip_caption` ensemble -> (GenerationOptions field, Python type).
+TRITON_INPUTS = {
+    "NUM_BEAMS": ("num_beams", int),
+    "MAX_NEW_TOKENS": ("max_new_tokens", int),
+    "MIN_NEW_TOKENS": ("min_new_tokens", int),
+    "LENGTH_PENALTY": ("length_penalty", float),
+    "REPETITION_PENALTY": ("repetition_penalty", float),
+    "NUM_RETURN_SEQUENCES": ("num_return_sequences", int),
+    "NO_REPEAT_NGRAM_SIZE": ("no_repeat_ngram_size", int),
+    "DO_SAMPLE": ("do_sample", bool),
+    "TEMPERATURE": ("temperature", float),
+    "TOP_K": ("top_k", int),
+    "TOP_P": ("top_p", float),
+    "SEED": ("seed", int),
+}
+
+
+def from_parameters(cls, parameters: dict[str, str], prefix: str):
+    """An instance of dataclass `cls` whose fields are overridden by `<prefix><field>` config parameters."""
+    base = cls()
+    values = {}
+    for f in fields(cls):
+        raw = parameters.get(prefix + f.name)
+        if raw:
+            kind = type(getattr(base, f.name))
+            values[f.name] = raw.strip().lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return replace(base, **values)
 
 
 class OptionError(ValueError):
@@ -16,7 +49,7 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationLimits:
-    """Upper bounds a deployment accepts (config.pbtxt `parameters` of `text_decoder`)."""
+    """Upper bounds a deployment accepts (`limit_*` parameters of `preprocess` and `text_decoder`)."""
 
     max_num_beams: int = 8
     max_new_tokens: int = 64
@@ -48,6 +81,36 @@ class GenerationOptions:
     def with_values(self, **values) -> "GenerationOptions":
         """A copy with the given (already typed) values; None means "not set"."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "GenerationOptions":
+        """Options resolved by `preprocess`; raises OptionError for anything else."""
+        try:
+            values = json.loads(text)
+            if not isinstance(values, dict):
+                raise TypeError("not an object")
+            unknown = set(values) - set(cls.names())
+            if unknown:
+                raise TypeError(f"unknown options {sorted(unknown)}")
+            options = cls(**values)
+        except (ValueError, TypeError) as exc:
+            raise OptionError(f"GENERATION_OPTIONS is not a JSON object of generation options: {exc}") from None
+        for f in fields(cls):
+            value = getattr(options, f.name)
+            if f.name == "seed":
+                if value is None:
+                    continue
+                kind = int
+            else:
+                kind = type(getattr(cls(), f.name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(options, f.name, float(value))
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise OptionError(f"GENERATION_OPTIONS: {f.name} must be a {kind.__name__}, not {value!r}")
+        return options
 
     @property
     def rows(self) -> int:

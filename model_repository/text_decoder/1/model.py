@@ -1,17 +1,17 @@
-"""Triton Python model `text_decoder`: image embeddings + prompt ids + options -> captions and scores.
+"""Triton Python model `text_decoder`: image embeddings + prompt ids + resolved options -> captions and scores.
 
-Inputs (per item): IMAGE_EMBEDS FP32 [L, hidden]; PROMPT_IDS INT64 [P] (optional: BOS alone; -1 entries are
-padding); the generation options of DESIGN.md, each optional, [1].
+Inputs (per item): IMAGE_EMBEDS FP32 [L, hidden]; PROMPT_IDS INT64 [P] (BOS first, -1 entries are padding);
+GENERATION_OPTIONS BYTES [1] (JSON, as `preprocess` resolves it).
 Outputs (per item): CAPTIONS BYTES [K], SCORES FP32 [K], best first (K = num_return_sequences).
 
-All valid items of all requests in a batch are decoded together in one loop, whatever their options. A request
-with a bad option is answered with its own INVALID_ARG error; a request cancelled by its client stops
-decoding and is answered CANCELLED.
+All items of all requests in a batch are decoded together in one loop, whatever their options. Options are
+validated again here (the model may be called directly); a request with a bad one is answered with its own
+INVALID_ARG error, and a request its client cancelled stops decoding and is answered CANCELLED.
 """
 
 import json
 import os
-from dataclasses import fields
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +21,7 @@ import triton_python_backend_utils as pb_utils
 from blip_text_decoder import BlipTextDecoder
 from caption_generation import generate
 from caption_text import CaptionDecoder
-from generation_options import GenerationLimits, GenerationOptions, OptionError
-
-# Triton input -> (GenerationOptions field, Python type).
-OPTION_INPUTS = {
-    "NUM_BEAMS": ("num_beams", int),
-    "MAX_NEW_TOKENS": ("max_new_tokens", int),
-    "MIN_NEW_TOKENS": ("min_new_tokens", int),
-    "LENGTH_PENALTY": ("length_penalty", float),
-    "REPETITION_PENALTY": ("repetition_penalty", float),
-    "NUM_RETURN_SEQUENCES": ("num_return_sequences", int),
-    "NO_REPEAT_NGRAM_SIZE": ("no_repeat_ngram_size", int),
-    "DO_SAMPLE": ("do_sample", bool),
-    "TEMPERATURE": ("temperature", float),
-    "TOP_K": ("top_k", int),
-    "TOP_P": ("top_p", float),
-    "SEED": ("seed", int),
-}
-
-
-def _parameters(config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items() if v.get("string_value")}
-
-
-def _typed(cls, values: dict[str, str], prefix: str):
-    """Instance of dataclass `cls` with fields overridden by `<prefix><field>` parameters."""
-    base = cls()
-    overrides = {}
-    for f in fields(cls):
-        if prefix + f.name in values:
-            kind = type(getattr(base, f.name))
-            raw = values[prefix + f.name]
-            overrides[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
-    return cls(**{**base.__dict__, **overrides})
+from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
 
 class _BadRequest(Exception):
@@ -63,9 +31,9 @@ class _BadRequest(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = _parameters(config)
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"]
-        threads = int(params.get("threads", "0")) or len(os.sched_getaffinity(0))
+        threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
         torch.set_num_threads(threads)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
@@ -73,8 +41,7 @@ class TritonPythonModel:
         self.decoder = BlipTextDecoder.from_directory(directory, device=device)
         decoding = json.loads((directory / "decoding.json").read_text())
         self.texts = CaptionDecoder(directory / "tokenizer.json", decoding["clean_up_tokenization_spaces"])
-        self.defaults = _typed(GenerationOptions, params, "default_")
-        self.limits = _typed(GenerationLimits, params, "limit_")
+        self.limits = from_parameters(GenerationLimits, params, "limit_")
         self.bos = self.decoder.config.bos_token_id
 
     def execute(self, requests):
@@ -84,6 +51,10 @@ class TritonPythonModel:
                 parsed = self._parse(request)
             except _BadRequest as exc:
                 errors[r] = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                continue
+            except Exception:  # a malformed direct call must not take its batch down
+                pb_utils.Logger.log_error(f"text_decoder: unreadable request:\n{traceback.format_exc()}")
+                errors[r] = pb_utils.TritonError("the request's tensors could not be read", pb_utils.TritonError.INVALID_ARG)
                 continue
             items.extend(parsed)
             owners.extend([r] * len(parsed))
@@ -130,30 +101,24 @@ class TritonPythonModel:
         if embeds.ndim != 3 or embeds.shape[2] != hidden or embeds.dtype != np.float32:
             raise _BadRequest(f"IMAGE_EMBEDS must be float32 [L, {hidden}] per item; got {embeds.dtype} "
                               f"{list(embeds.shape[1:])}")
-        prompt_tensor = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS")
-        prompt_ids = prompt_tensor.as_numpy().reshape(count, -1) if prompt_tensor is not None else None
-        values = {}
-        for name, (field, kind) in OPTION_INPUTS.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                array = tensor.as_numpy().reshape(-1)
-                if len(array) != count:
-                    raise _BadRequest(f"{name} has {len(array)} values for {count} items")
-                values[field] = [kind(v) for v in array.tolist()]
+        prompt_ids = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy()
+        options = pb_utils.get_input_tensor_by_name(request, "GENERATION_OPTIONS").as_numpy().reshape(-1)
+        if prompt_ids.ndim != 2 or len(prompt_ids) != count or len(options) != count:
+            raise _BadRequest(f"PROMPT_IDS and GENERATION_OPTIONS must have one entry per item ({count})")
         parsed = []
         for i in range(count):
             where = f"item {i}: " if count > 1 else ""
-            prompt = [self.bos] if prompt_ids is None else [int(t) for t in prompt_ids[i] if t >= 0]
+            prompt = [int(t) for t in prompt_ids[i] if t >= 0]
             if not prompt or prompt[0] != self.bos or max(prompt) >= self.decoder.config.vocab_size:
                 raise _BadRequest(f"{where}PROMPT_IDS must start with BOS ({self.bos}) and hold token ids "
                                   f"below {self.decoder.config.vocab_size}")
-            options = self.defaults.with_values(**{k: v[i] for k, v in values.items()})
             try:
-                options.validate(self.limits, len(prompt), self.decoder.config.max_position_embeddings)
+                item_options = GenerationOptions.from_json(bytes(options[i]))
+                item_options.validate(self.limits, len(prompt), self.decoder.config.max_position_embeddings)
             except OptionError as exc:
                 raise _BadRequest(f"{where}{exc}") from None
-            parsed.append((embeds[i], prompt, options))
-        counts = {options.num_return_sequences for _, _, options in parsed}
+            parsed.append((embeds[i], prompt, item_options))
+        counts = {item_options.num_return_sequences for _, _, item_options in parsed}
         if len(counts) > 1:
             raise _BadRequest("all items of one request must ask for the same num_return_sequences")
         return parsed

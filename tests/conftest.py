@@ -1,0 +1,25 @@
+"""Session fixtures shared by both tiers: random checkpoints and their exported model repositories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blip_server.export import export_checkpoint
+from blip_server.random_checkpoint import build
+from support.checkpoints import SPECS
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build(spec, root / name) for name, spec in SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def repositories(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("repositories")
+    for name, path in checkpoints.items():
+        export_checkpoint(path, root / name)
+    return {name: root / name for name in checkpoints}

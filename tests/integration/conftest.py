@@ -1,0 +1,57 @@
+"""The real stack for integration tests: tritonserver on free loopback ports, one per test checkpoint.
+
+When a test fails, the tail of every running server's log is added to its report.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from blip_server.triton import EmbeddedTriton, TritonOptions
+from support.network import free_port
+
+_RUNNING: list[EmbeddedTriton] = []
+
+
+class Server:
+    def __init__(self, triton: EmbeddedTriton, checkpoint):
+        self.triton = triton
+        self.checkpoint = str(checkpoint)
+        self.url = f"127.0.0.1:{triton.options.grpc_port}"
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url)
+
+
+@pytest.fixture(scope="session")
+def servers(repositories, checkpoints):
+    """name -> Server, started on first use and stopped at the end of the session."""
+    started: dict[str, Server] = {}
+
+    def get(name: str) -> Server:
+        if name not in started:
+            triton = EmbeddedTriton(TritonOptions(
+                model_repository=repositories[name], grpc_port=free_port(), http_port=free_port(),
+                metrics_port=free_port(), startup_timeout=180,
+            ))
+            _RUNNING.append(triton)
+            triton.start()
+            triton.wait_ready()
+            started[name] = Server(triton, checkpoints[name])
+        return started[name]
+
+    yield get
+    for triton in list(_RUNNING):
+        triton.stop()
+        triton.cleanup()
+        _RUNNING.remove(triton)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for triton in _RUNNING:
+            report.sections.append((f"tritonserver log (pid {triton.pid})", triton.log_tail(80)))

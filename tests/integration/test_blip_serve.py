@@ -1,0 +1,145 @@
+"""`blip-serve` as a user runs it: export on first use, ready line, real inference, clean stop, no orphans."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from blip_server.errors import TritonStartError
+from blip_server.triton import EmbeddedTriton, TritonOptions
+from support import images, reference
+from support.network import free_port
+from support.triton_requests import caption_inputs, captions
+
+BLIP_SERVE = str(Path(sys.executable).parent / "blip-serve")
+
+
+class ServeProcess:
+    def __init__(self, *args: str, cache: Path):
+        self.ports = {name: free_port() for name in ("grpc", "http", "metrics")}
+        self.process = subprocess.Popen(
+            [BLIP_SERVE, *args, "--cache-dir", str(cache), "--triton-grpc-port", str(self.ports["grpc"]),
+             "--triton-http-port", str(self.ports["http"]), "--triton-metrics-port", str(self.ports["metrics"])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and "ready" not in line:
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                pytest.fail(f"blip-serve exited {self.process.returncode}:\n{self.process.stderr.read()}")
+        assert "ready" in line, "no ready line"
+        return line
+
+    def children(self) -> list[int]:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == self.process.pid]
+
+    def stop(self, signum=signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        _, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, err
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _wait_gone(pgid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_serve_a_checkpoint_then_stop_cleanly(checkpoints, tmp_path):
+    serve = ServeProcess("--model", str(checkpoints["standard"]), cache=tmp_path / "cache")
+    try:
+        ready = serve.wait_ready()
+        assert f"Triton gRPC 127.0.0.1:{serve.ports['grpc']}" in ready
+        image = images.kinds(seed=41)["jpeg"]
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{serve.ports['grpc']}")
+        texts, scores = captions(client.infer("blip_caption", caption_inputs(image)))[0]
+        expected = reference.caption(str(checkpoints["standard"]), image)
+        assert texts == expected[0] and scores == pytest.approx(expected[1], abs=1e-4)
+        (triton_pid,) = serve.children()
+    finally:
+        code, err = serve.stop()
+    assert code == 0, err
+    assert "stopping" in err
+    assert _wait_gone(triton_pid), "tritonserver or its Python stubs outlived blip-serve"
+    assert len(list((tmp_path / "cache" / "repositories").glob("*/blip_export.json"))) == 1
+
+
+def test_the_exported_checkpoint_is_reused_and_a_killed_server_leaves_no_orphans(checkpoints, tmp_path):
+    cache = tmp_path / "cache"
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(checkpoints["unusual"], checkpoint)
+    first = ServeProcess("--model", str(checkpoint), cache=cache)
+    first.wait_ready()
+    first.stop()
+    second = ServeProcess("--model", str(checkpoint), cache=cache)
+    second.wait_ready()
+    (triton_pid,) = second.children()
+    code, err = second.stop(signal.SIGKILL)  # no chance to clean up: Triton must still die with it
+    assert code == -signal.SIGKILL
+    assert _wait_gone(triton_pid), "tritonserver survived a killed blip-serve"
+    assert len(list((cache / "repositories").glob("*/blip_export.json"))) == 1
+
+
+def test_an_unusable_model_path_is_reported(tmp_path):
+    process = subprocess.run([BLIP_SERVE, "--model", str(tmp_path), "--cache-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert process.returncode == 2
+    assert "blip-serve: error:" in process.stderr and "no config.json" in process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_a_server_that_cannot_load_its_models_reports_why(repositories, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(repositories["standard"], broken)
+    (broken / "text_decoder" / "1" / "decoder.safetensors").unlink()
+    triton = EmbeddedTriton(TritonOptions(model_repository=broken, grpc_port=free_port(), http_port=free_port(),
+                                          metrics_port=free_port(), startup_timeout=120))
+    triton.start()
+    with pytest.raises(TritonStartError, match="(?s)exited with status 1.*decoder.safetensors"):
+        triton.wait_ready()
+    triton.stop()
+    triton.cleanup()
+
+
+def test_a_port_in_use_is_reported(repositories):
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        triton = EmbeddedTriton(TritonOptions(model_repository=repositories["standard"], grpc_port=free_port(),
+                                              http_port=port, metrics_port=free_port(), startup_timeout=120))
+        triton.start()
+        with pytest.raises(TritonStartError, match=f"(?s)exited with status.*127.0.0.1:{port}' already in use"):
+            triton.wait_ready()
+        triton.stop()
+        triton.cleanup()

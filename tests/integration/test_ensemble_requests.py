@@ -1,0 +1,113 @@
+"""The ensemble under concurrent load: batched requests with mixed options, bad neighbours, multi-item requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from support import images, reference
+from support.triton_requests import caption_inputs, captions
+
+KINDS = images.kinds(seed=31)
+GOOD = [
+    ("jpeg", None, dict()),
+    ("png", "a picture of", dict(num_beams=1, min_new_tokens=0)),
+    ("webp", None, dict(num_beams=4, num_return_sequences=2, length_penalty=0.5)),
+    ("jpeg_exif_rotate_270", "a photo of", dict(num_beams=2, repetition_penalty=1.3, max_new_tokens=8)),
+    ("bmp", None, dict(num_beams=1, no_repeat_ngram_size=1, min_new_tokens=3)),
+    ("tiff", "two", dict(num_beams=3, max_new_tokens=25, min_new_tokens=0)),
+]
+BAD = [
+    (b"\x89PNG\r\n\x1a\n this is not really a png", None, dict(), "could not decode the image"),
+    (KINDS["jpeg"], None, dict(num_beams=3, num_return_sequences=5), "num_return_sequences=5 is out of range: allowed 1 to 3"),
+    (KINDS["png"], None, dict(top_p=0.0, do_sample=True), "top_p=0.0 is out of range"),
+]
+
+
+def _statistics(client, model):
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_concurrent_mixed_requests_are_batched_and_bad_ones_fail_alone(servers):
+    server = servers("standard")
+    client = server.client()
+    requests = [(KINDS[k], p, o, None) for k, p, o in GOOD] + BAD
+    requests = requests * 2
+    results: list = [None] * len(requests)
+    before = _statistics(client, "text_decoder")
+    barrier = threading.Barrier(len(requests))
+
+    def send(i):
+        image, prompt, options, _ = requests[i]
+        barrier.wait()
+        try:
+            results[i] = captions(client.infer("blip_caption", caption_inputs(image, prompt, **options)))[0]
+        except InferenceServerException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+
+    for (image, prompt, options, error), result in zip(requests, results):
+        if error is None:
+            assert not isinstance(result, Exception), result
+            expected = reference.caption(server.checkpoint, image, prompt, **options)
+            assert result[0] == expected[0]
+            assert result[1] == pytest.approx(expected[1], abs=1e-4)
+        else:
+            assert isinstance(result, InferenceServerException)
+            assert result.status() == "StatusCode.INVALID_ARGUMENT"
+            assert error in result.message()
+    after = _statistics(client, "text_decoder")
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 2 * len(GOOD)  # bad requests are refused before the decoder
+    assert executions < inferences, "the decoder ran every request alone: nothing was batched"
+
+
+def test_a_request_may_carry_several_items(servers):
+    server = servers("unusual")
+    kinds = ["jpeg", "png_grayscale", "gif_animated"]
+    prompts = ["a picture of", "", "sky"]
+    answer = server.client().infer(
+        "blip_caption", caption_inputs([KINDS[k] for k in kinds], prompts, num_beams=3, num_return_sequences=2)
+    )
+    for kind, prompt, (texts, scores) in zip(kinds, prompts, captions(answer)):
+        expected = reference.caption(server.checkpoint, KINDS[kind], prompt, num_beams=3, num_return_sequences=2)
+        assert texts == expected[0]
+        assert scores == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_through_the_server(servers):
+    client = servers("standard").client()
+    ask = lambda seed: captions(client.infer("blip_caption", caption_inputs(
+        KINDS["jpeg"], do_sample=True, num_beams=1, num_return_sequences=3, seed=seed, temperature=1.3)))[0][0]
+    first = ask(123)
+    assert ask(123) == first and len(first) == 3
+    assert any(ask(seed) != first for seed in (124, 125, 126))
+    greedy = captions(client.infer("blip_caption", caption_inputs(KINDS["jpeg"], num_beams=1)))[0][0]
+    top_k_1 = captions(client.infer("blip_caption", caption_inputs(KINDS["jpeg"], num_beams=1, do_sample=True,
+                                                                   top_k=1, seed=9)))[0][0]
+    assert top_k_1 == greedy
+
+
+@pytest.mark.parametrize(
+    "image, options, message",
+    [
+        (b"", dict(), "the image is empty"),
+        (KINDS["jpeg"], dict(num_beams=0), "num_beams=0 is out of range: allowed 1 to 8"),
+        (KINDS["jpeg"], dict(max_new_tokens=1000), "max_new_tokens=1000 is out of range"),
+        (KINDS["jpeg"], dict(temperature=-1.0, do_sample=True), "temperature=-1.0 is out of range"),
+    ],
+    ids=["empty_image", "zero_beams", "too_many_tokens", "negative_temperature"],
+)
+def test_bad_requests_get_invalid_argument_with_a_reason(servers, image, options, message):
+    with pytest.raises(InferenceServerException) as error:
+        servers("standard").client().infer("blip_caption", caption_inputs(image, **options))
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in error.value.message()

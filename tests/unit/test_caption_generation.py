@@ -1,0 +1,134 @@
+"""Our batched decoder against BlipForConditionalGeneration.generate, in process, on the same image embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip_server.checkpoint import decoder_config
+from blip_text_decoder import BlipTextDecoder, DecoderConfig
+from caption_generation import generate
+from generation_options import GenerationOptions
+from support import reference
+
+CASES = {
+    "greedy": dict(num_beams=1, min_new_tokens=0),
+    "greedy_min_new_tokens": dict(num_beams=1, min_new_tokens=6),
+    "beams_3_defaults": dict(),
+    "beams_5_return_3": dict(num_beams=5, num_return_sequences=3),
+    "length_penalty_2": dict(num_beams=3, length_penalty=2.0, min_new_tokens=0),
+    "length_penalty_negative": dict(num_beams=4, length_penalty=-1.0, min_new_tokens=0),
+    "repetition_penalty_beams": dict(num_beams=3, repetition_penalty=1.5),
+    "repetition_penalty_greedy": dict(num_beams=1, repetition_penalty=1.3, min_new_tokens=0),
+    "no_repeat_ngram_greedy": dict(num_beams=1, no_repeat_ngram_size=2, min_new_tokens=0),
+    "no_repeat_ngram_beams": dict(num_beams=4, no_repeat_ngram_size=2, max_new_tokens=12, min_new_tokens=8),
+    "one_new_token": dict(num_beams=2, max_new_tokens=1, min_new_tokens=0),
+    "long": dict(num_beams=3, max_new_tokens=30, min_new_tokens=0),
+}
+PROMPTS = [None, "a picture of"]
+IMAGES = 3
+
+
+@pytest.fixture(scope="module", params=["standard", "unusual"])
+def setup(request, checkpoints):
+    path = str(checkpoints[request.param])
+    model, processor = reference.load(path)
+    pixels = torch.randn(IMAGES, 3, *_size(processor),
+                         generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+    decoder = BlipTextDecoder(DecoderConfig(**decoder_config(model.config.text_config)), model.text_decoder.state_dict())
+    return path, processor, pixels, embeds, decoder
+
+
+def _size(processor):
+    return processor.image_processor.size.height, processor.image_processor.size.width
+
+
+def _prompt_ids(processor, decoder, prompt):
+    ids = processor.tokenizer(prompt)["input_ids"] if prompt is not None else [0, 0]
+    return [decoder.config.bos_token_id] + ids[1:-1]
+
+
+def _reference(path, processor, pixels, i, prompt, options):
+    inputs = {"pixel_values": pixels[i : i + 1]}
+    if prompt is not None:
+        inputs.update(processor.tokenizer(prompt, return_tensors="pt"))
+        inputs.pop("token_type_ids", None)
+    return reference.generate(path, inputs, **options)
+
+
+def test_captions_and_scores_equal_transformers(setup):
+    path, processor, pixels, embeds, decoder = setup
+    endings = set()
+    for name, case in CASES.items():
+        options = GenerationOptions().with_values(**case)
+        for prompt in PROMPTS:
+            for i in range(IMAGES):
+                texts, scores = _reference(path, processor, pixels, i, prompt, case)
+                ours = generate(decoder, embeds[i : i + 1], [_prompt_ids(processor, decoder, prompt)], [options])[0]
+                assert [processor.decode(h.tokens, skip_special_tokens=True) for h in ours] == texts, (name, prompt, i)
+                assert [h.score for h in ours] == pytest.approx(scores, abs=1e-4), (name, prompt, i)
+                endings.update(h.tokens[-1] == decoder.config.eos_token_id for h in ours)
+    # The matrix exercises both ways a caption ends: the end token, and the length limit.
+    assert endings == {True, False}
+
+
+def test_a_mixed_batch_decodes_each_item_as_if_alone(setup):
+    path, processor, pixels, embeds, decoder = setup
+    items = [(i % IMAGES, prompt, GenerationOptions().with_values(**case))
+             for i, (case, prompt) in enumerate((c, p) for c in CASES.values() for p in PROMPTS)]
+    batch = generate(
+        decoder,
+        torch.stack([embeds[i] for i, _, _ in items]),
+        [_prompt_ids(processor, decoder, p) for _, p, _ in items],
+        [o for _, _, o in items],
+    )
+    for (i, prompt, options), together in zip(items, batch):
+        alone = generate(decoder, embeds[i : i + 1], [_prompt_ids(processor, decoder, prompt)], [options])[0]
+        assert [h.tokens for h in together] == [h.tokens for h in alone]
+        assert [h.score for h in together] == pytest.approx([h.score for h in alone], abs=1e-5)
+
+
+def test_sampling_is_reproducible_per_seed_whatever_the_batch(setup):
+    _, processor, _, embeds, decoder = setup
+    bos = [decoder.config.bos_token_id]
+    sample = GenerationOptions(num_beams=1, do_sample=True, seed=7, num_return_sequences=3, temperature=1.5,
+                               min_new_tokens=0)
+    alone = generate(decoder, embeds[:1], [bos], [sample])[0]
+    neighbours = [GenerationOptions(), GenerationOptions(num_beams=1, do_sample=True, seed=8, top_p=0.8)]
+    together = generate(decoder, embeds, [bos] * 3, [sample, *neighbours])[0]
+    assert [h.tokens for h in alone] == [h.tokens for h in together]
+    assert len(alone) == 3
+    other_seeds = [generate(decoder, embeds[:1], [bos], [sample.with_values(seed=s)])[0] for s in range(8, 12)]
+    assert any([h.tokens for h in o] != [h.tokens for h in alone] for o in other_seeds)
+
+
+def test_sampling_with_top_k_1_is_greedy(setup):
+    _, _, _, embeds, decoder = setup
+    bos = [[decoder.config.bos_token_id]] * IMAGES
+    greedy = generate(decoder, embeds, bos, [GenerationOptions(num_beams=1, min_new_tokens=0)] * IMAGES)
+    sampled = generate(decoder, embeds, bos, [
+        GenerationOptions(num_beams=1, min_new_tokens=0, do_sample=True, top_k=1, num_return_sequences=2, seed=s)
+        for s in range(IMAGES)
+    ])
+    for g, s in zip(greedy, sampled):
+        assert [h.tokens for h in s] == [g[0].tokens] * 2
+
+
+def test_cancelled_items_leave_the_batch(setup):
+    _, _, _, embeds, decoder = setup
+    bos = [[decoder.config.bos_token_id]] * IMAGES
+    options = [GenerationOptions(min_new_tokens=10)] * IMAGES
+    asked = []
+
+    def is_cancelled(i):
+        asked.append(i)
+        return i == 1
+
+    results = generate(decoder, embeds, bos, options, is_cancelled=is_cancelled)
+    assert results[1] is None and asked
+    expected = generate(decoder, embeds, bos, options)
+    assert [[h.tokens for h in r] for r in (results[0], results[2])] == [
+        [h.tokens for h in r] for r in (expected[0], expected[2])
+    ]

@@ -1,0 +1,120 @@
+"""blip-export: a complete repository, everything model-specific read from the checkpoint, clear failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from blip_server import export as export_module
+from blip_server.errors import ExportError
+from blip_server.export import ExportOptions, export_checkpoint, main
+from blip_server.repository import MANIFEST, parse_config
+from blip_text_decoder import BlipTextDecoder
+from image_preprocessing import ImageProcessorConfig
+from support import reference
+
+
+@pytest.mark.parametrize("name", ["standard", "unusual"])
+def test_the_repository_holds_what_the_checkpoint_says(checkpoints, repositories, name):
+    model, processor = reference.load(str(checkpoints[name]))
+    repository = repositories[name]
+    text = model.config.text_config
+
+    manifest = json.loads((repository / MANIFEST).read_text())
+    assert manifest["special_token_ids"] == {
+        "bos_token_id": text.bos_token_id, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id
+    }
+    assert manifest["vocab_size"] == text.vocab_size
+    assert manifest["precision"] == "fp32" and manifest["target"] == "embedded"
+
+    images = ImageProcessorConfig.from_json(repository / "preprocess" / "1" / "image_processor.json")
+    ip = processor.image_processor
+    assert (images.height, images.width) == (ip.size.height, ip.size.width) == (model.config.vision_config.image_size,) * 2
+    assert list(images.image_mean) == pytest.approx(ip.image_mean) and list(images.image_std) == pytest.approx(ip.image_std)
+    assert images.rescale_factor == ip.rescale_factor and images.resample == int(ip.resample)
+
+    decoder = BlipTextDecoder.from_directory(repository / "text_decoder" / "1")
+    assert decoder.config.vocab_size == text.vocab_size and decoder.config.bos_token_id == text.bos_token_id
+    assert torch.equal(decoder.lm_w, model.text_decoder.cls.predictions.decoder.weight)
+
+
+def test_the_onnx_encoder_matches_pytorch_for_any_batch_size(checkpoints, repositories):
+    model, processor = reference.load(str(checkpoints["standard"]))
+    session = onnxruntime.InferenceSession(str(repositories["standard"] / "vision_encoder" / "1" / "model.onnx"))
+    for batch in (1, 3):
+        pixels = torch.randn(batch, 3, 384, 384)
+        with torch.inference_mode():
+            expected = model.vision_model(pixel_values=pixels).last_hidden_state.numpy()
+        actual = session.run(None, {"PIXEL_VALUES": pixels.numpy()})[0]
+        assert np.abs(actual - expected).max() <= 1e-4
+
+
+def test_triton_container_target_serves_the_encoder_on_onnxruntime(checkpoints, tmp_path):
+    export_checkpoint(checkpoints["unusual"], tmp_path / "repo", ExportOptions(target="triton-container"))
+    encoder = tmp_path / "repo" / "vision_encoder"
+    config = parse_config(encoder / "config.pbtxt")
+    assert config.backend == "onnxruntime"
+    assert list(config.input[0].dims) == [3, 224, 224]
+    assert list(config.output[0].dims) == [(224 // 16) ** 2 + 1, 32]
+    assert sorted(p.name for p in (encoder / "1").iterdir()) == ["model.onnx"]
+    assert parse_config(tmp_path / "repo" / "text_decoder" / "config.pbtxt").backend == "python"
+
+
+def _broken(checkpoint, tmp_path, edit):
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    edit(copy)
+    return copy
+
+
+def _edit_config(**changes):
+    def edit(path):
+        config = json.loads((path / "config.json").read_text())
+        config.update(changes)
+        (path / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: (p / "config.json").unlink(), "has no config.json"),
+        (_edit_config(model_type="bert"), "holds a 'bert' model, not a BLIP one"),
+        (_edit_config(architectures=["BlipForQuestionAnswering"]), "not a BLIP captioning model"),
+        (lambda p: (p / "processor_config.json").unlink(), "has no image processor config"),
+        (lambda p: (p / "model.safetensors").unlink(), "has no weights"),
+    ],
+    ids=["no_config", "not_blip", "vqa", "no_processor", "no_weights"],
+)
+def test_what_is_not_a_captioning_checkpoint_is_refused(checkpoints, tmp_path, edit, message):
+    checkpoint = _broken(checkpoints["standard"], tmp_path, edit)
+    with pytest.raises(ExportError, match=message):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_export_leaves_nothing_behind(checkpoints, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ExportError("the ONNX vision encoder differs from PyTorch by 1.00e+00 (tolerance 0.0001)")
+
+    monkeypatch.setattr(export_module, "_export_vision_encoder", fail)
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_checkpoint(checkpoints["standard"], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_reports_errors_without_a_traceback(checkpoints, tmp_path, capsys):
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "file").write_text("x")
+    assert main(["--model", str(checkpoints["standard"]), "--output", str(tmp_path / "occupied")]) == 2
+    err = capsys.readouterr().err
+    assert "blip-export: error:" in err and "is not empty" in err and "Traceback" not in err
+    assert main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(checkpoints["standard"]), "--output", str(tmp_path / "x"), "--precision", "fp64"])

@@ -1,0 +1,71 @@
+"""Every config.pbtxt parses with Triton's model_config.proto, and the ensemble is the contract of DESIGN.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from blip_server.repository import MODELS, parse_config, template_directory
+
+TEMPLATE = template_directory()
+CONFIGS = sorted(TEMPLATE.glob("*/config.pbtxt"))
+
+# DESIGN.md: the public tensors of `blip_caption`.
+ENSEMBLE_INPUTS = {
+    "IMAGE": mc.TYPE_STRING, "PROMPT": mc.TYPE_STRING,
+    "NUM_BEAMS": mc.TYPE_INT32, "MAX_NEW_TOKENS": mc.TYPE_INT32, "MIN_NEW_TOKENS": mc.TYPE_INT32,
+    "NUM_RETURN_SEQUENCES": mc.TYPE_INT32, "LENGTH_PENALTY": mc.TYPE_FP32, "REPETITION_PENALTY": mc.TYPE_FP32,
+    "NO_REPEAT_NGRAM_SIZE": mc.TYPE_INT32, "TOP_K": mc.TYPE_INT32, "SEED": mc.TYPE_INT64, "DO_SAMPLE": mc.TYPE_BOOL,
+    "TEMPERATURE": mc.TYPE_FP32, "TOP_P": mc.TYPE_FP32,
+}
+ENSEMBLE_OUTPUTS = {"CAPTIONS": mc.TYPE_STRING, "SCORES": mc.TYPE_FP32}
+
+
+def test_every_model_has_a_config():
+    assert sorted(p.parent.name for p in CONFIGS) == sorted(MODELS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
+def test_config_parses_and_batches_dynamically(path: Path):
+    config = parse_config(path)
+    assert config.name == path.parent.name
+    assert config.max_batch_size > 0
+    if config.platform != "ensemble":
+        assert config.HasField("dynamic_batching")
+        assert (path.parent / "1" / "model.py").is_file()
+
+
+def test_the_ensemble_has_the_public_tensors():
+    config = parse_config(TEMPLATE / "blip_caption" / "config.pbtxt")
+    inputs = {t.name: t for t in config.input}
+    assert {name: t.data_type for name, t in inputs.items()} == ENSEMBLE_INPUTS
+    assert [name for name, t in inputs.items() if not t.optional] == ["IMAGE"]
+    assert all(list(t.dims) == [1] for t in inputs.values())
+    assert {t.name: t.data_type for t in config.output} == ENSEMBLE_OUTPUTS
+
+
+def test_the_ensemble_wires_every_step_to_an_existing_tensor():
+    ensemble = parse_config(TEMPLATE / "blip_caption" / "config.pbtxt")
+    produced = {t.name: t.data_type for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = parse_config(TEMPLATE / step.model_name / "config.pbtxt")
+        model_inputs = {t.name: t for t in model.input}
+        assert set(step.input_map) <= set(model_inputs)
+        assert {n for n, t in model_inputs.items() if not t.optional} <= set(step.input_map)
+        for model_name, tensor in step.input_map.items():
+            assert produced[tensor] == model_inputs[model_name].data_type, (step.model_name, model_name)
+        model_outputs = {t.name: t.data_type for t in model.output}
+        for model_name, tensor in step.output_map.items():
+            produced[tensor] = model_outputs[model_name]
+        assert model.max_batch_size >= ensemble.max_batch_size
+    assert set(ENSEMBLE_OUTPUTS) <= set(produced)
+
+
+def test_preprocess_and_decoder_enforce_the_same_limits():
+    def limits(model):
+        return {k: v.string_value for k, v in parse_config(TEMPLATE / model / "config.pbtxt").parameters.items()
+                if k.startswith("limit_")}
+
+    assert limits("preprocess") == limits("text_decoder") != {}
