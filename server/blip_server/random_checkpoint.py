@@ -65,6 +65,8 @@ class CheckpointSpec:
     legacy_files: bool = False  # preprocessor_config.json + vocab.txt only, like the Salesforce hub snapshots
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
+    vision: dict = field(default_factory=dict)  # overrides of the preset's vision config (e.g. num_hidden_layers)
+    text: dict = field(default_factory=dict)  # overrides of the preset's text config
 
 
 def _vocabulary(spec: CheckpointSpec) -> list[str]:
@@ -97,7 +99,7 @@ def build(spec: CheckpointSpec, output: str | Path) -> Path:
     vocab = _vocabulary(spec)
     ids = {t: i for i, t in enumerate(vocab)}
     tokenizer = BertTokenizer(vocab=ids, bos_token="[DEC]")
-    vision = dict(preset["vision"])
+    vision = dict(preset["vision"], **spec.vision)
     if spec.image_size:
         vision["image_size"] = spec.image_size
     image_processor = BlipImageProcessorPil(
@@ -105,7 +107,8 @@ def build(spec: CheckpointSpec, output: str | Path) -> Path:
         **({"image_mean": list(spec.image_mean)} if spec.image_mean else {}),
         **({"image_std": list(spec.image_std)} if spec.image_std else {}),
     )
-    text = dict(preset["text"], vocab_size=len(vocab), bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
+    text = dict(preset["text"], **spec.text)
+    text.update(vocab_size=len(vocab), bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
                 eos_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"], encoder_hidden_size=vision["hidden_size"])
     config = BlipConfig(text_config=text, vision_config=vision)
 

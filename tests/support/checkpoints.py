@@ -13,5 +13,13 @@ SPECS = {
         preset="tiny", seed=12, image_size=224, vocab_size=97,
         special_positions={"[PAD]": 5, "[DEC]": 96, "[SEP]": 40, "[CLS]": 17},
         image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3), legacy_files=True,
+        vision=dict(hidden_size=48, num_attention_heads=3, intermediate_size=96),  # wider than the text model
     ),
+}
+
+# The real BLIP architectures (widths, heads, vocabulary, 384x384 input) with one layer each, to check that
+# export and decoding handle their dimensions without paying for their depth.
+SHALLOW = {
+    name: CheckpointSpec(preset=name, seed=13, vision=dict(num_hidden_layers=1), text=dict(num_hidden_layers=1))
+    for name in ("base", "large")
 }

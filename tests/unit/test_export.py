@@ -14,9 +14,13 @@ from blip_server import export as export_module
 from blip_server.errors import ExportError
 from blip_server.export import ExportOptions, export_checkpoint, main
 from blip_server.repository import MANIFEST, parse_config
+from blip_server.random_checkpoint import build
 from blip_text_decoder import BlipTextDecoder
+from caption_generation import generate
+from generation_options import GenerationOptions
 from image_preprocessing import ImageProcessorConfig
 from support import reference
+from support.checkpoints import SHALLOW
 
 
 @pytest.mark.parametrize("name", ["standard", "unusual"])
@@ -60,7 +64,7 @@ def test_triton_container_target_serves_the_encoder_on_onnxruntime(checkpoints, 
     config = parse_config(encoder / "config.pbtxt")
     assert config.backend == "onnxruntime"
     assert list(config.input[0].dims) == [3, 224, 224]
-    assert list(config.output[0].dims) == [(224 // 16) ** 2 + 1, 32]
+    assert list(config.output[0].dims) == [(224 // 16) ** 2 + 1, 48]
     assert sorted(p.name for p in (encoder / "1").iterdir()) == ["model.onnx"]
     assert parse_config(tmp_path / "repo" / "text_decoder" / "config.pbtxt").backend == "python"
 
@@ -118,3 +122,23 @@ def test_the_command_line_reports_errors_without_a_traceback(checkpoints, tmp_pa
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(checkpoints["standard"]), "--output", str(tmp_path / "x"), "--precision", "fp64"])
+
+
+@pytest.mark.parametrize("name", sorted(SHALLOW))
+def test_blip_base_and_large_dimensions_export_and_decode_like_transformers(name, tmp_path):
+    checkpoint = build(SHALLOW[name], tmp_path / "checkpoint")
+    export_checkpoint(checkpoint, tmp_path / "repo")
+    model, _ = reference.load(str(checkpoint))
+    vision = model.config.vision_config
+    pixels = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(tmp_path / "repo" / "vision_encoder" / "1" / "model.onnx"))
+    embeds = torch.from_numpy(session.run(None, {"PIXEL_VALUES": pixels.numpy()})[0])
+    assert embeds.shape == (1, 577, vision.hidden_size)
+    decoder = BlipTextDecoder.from_directory(tmp_path / "repo" / "text_decoder" / "1")
+    for options in (dict(num_beams=1, min_new_tokens=0), dict(num_beams=3, num_return_sequences=2)):
+        ours = generate(decoder, embeds, [[decoder.config.bos_token_id]], [GenerationOptions().with_values(**options)])
+        with torch.inference_mode():
+            expected = model.generate(pixel_values=pixels, **{**reference.SERVICE_DEFAULTS, **options})
+        eos = decoder.config.eos_token_id
+        trimmed = [row[: row.index(eos, 1) + 1] if eos in row[1:] else row for row in expected.tolist()]
+        assert [h.tokens for h in ours[0]] == trimmed
