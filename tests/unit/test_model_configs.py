@@ -69,3 +69,24 @@ def test_preprocess_and_decoder_enforce_the_same_limits():
                 if k.startswith("limit_")}
 
     assert limits("preprocess") == limits("text_decoder") != {}
+
+
+def test_the_client_side_option_table_matches_the_ensemble():
+    from blip_server.ensemble import OPTION_TENSORS
+    from generation_options import TRITON_INPUTS, GenerationOptions
+
+    inputs = {t.name: t.data_type for t in parse_config(TEMPLATE / "blip_caption" / "config.pbtxt").input}
+    assert {name for name, _, _ in OPTION_TENSORS.values()} == set(inputs) - {"IMAGE", "PROMPT"}
+    for field, (name, datatype, _) in OPTION_TENSORS.items():
+        assert inputs[name] == mc.DataType.Value(f"TYPE_{datatype}")
+        assert TRITON_INPUTS[name][0] == field
+    assert set(OPTION_TENSORS) == set(GenerationOptions.names())
+
+
+def test_the_preprocess_config_states_every_default_as_the_generation_options_have_it():
+    from generation_options import GenerationOptions, from_parameters
+
+    params = {k: v.string_value for k, v in parse_config(TEMPLATE / "preprocess" / "config.pbtxt").parameters.items()}
+    stated = {k[len("default_"):] for k in params if k.startswith("default_")}
+    assert stated == set(GenerationOptions.names()) - {"seed"}
+    assert from_parameters(GenerationOptions, params, "default_") == GenerationOptions()

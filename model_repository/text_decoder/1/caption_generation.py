@@ -21,6 +21,7 @@ import torch
 
 from blip_text_decoder import BlipTextDecoder, ImageContext, Segment, SelfAttentionCache
 from generation_options import GenerationOptions
+from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter
 
 _NEG = -1.0e9  # what transformers adds to scores that must lose
 
@@ -34,32 +35,30 @@ class Hypothesis:
 
 
 class _Group:
-    """Requests that share a strategy and a row count; rows [first_row, first_row + rows) of the batch."""
+    """Requests that share a strategy and a row count, each owning `n` consecutive rows of the batch."""
 
     def __init__(self, requests: list[int], options: list[GenerationOptions], prompts: list[list[int]],
                  rows_per_request: int, eos: int, device):
         self.requests = requests
+        self.options = options
+        self.prompts = prompts
         self.n = rows_per_request
         self.eos = eos
         self.device = device
-        self.prompt_len = [len(p) for p in prompts]
-        self.prompts = prompts
-        self.max_new = torch.tensor([o.max_new_tokens for o in options], device=device)
-        self.min_new = [o.min_new_tokens for o in options]
-        self.length_penalty = [float(o.length_penalty) for o in options]
-        per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device).repeat_interleave(self.n)
-        self.repetition_penalty = per_row([float(o.repetition_penalty) for o in options], torch.float32)
-        self.ngram = [o.no_repeat_ngram_size for o in options]
         self.sampling = options[0].do_sample
-        self.temperature = per_row([float(o.temperature) for o in options], torch.float32)
-        self.top_k = [o.top_k for o in options]
-        self.top_p = [float(o.top_p) for o in options]
         self.generators = []
         if self.sampling:
             for o in options:
                 g = torch.Generator(device=device)
                 g.manual_seed(o.seed if o.seed is not None else int.from_bytes(os.urandom(7), "little"))
                 self.generators.append(g)
+        self._derive()
+
+    def _derive(self) -> None:
+        """Tensors of the requests' options, rebuilt whenever requests leave."""
+        self.max_new = torch.tensor([o.max_new_tokens for o in self.options], device=self.device)
+        self.repetition_penalty = self._per_row([float(o.repetition_penalty) for o in self.options], torch.float32)
+        self.temperature = self._per_row([float(o.temperature) for o in self.options], torch.float32)
 
     @property
     def rows(self) -> int:
@@ -71,17 +70,10 @@ class _Group:
         rows = torch.tensor([i * self.n + j for i in idx for j in range(self.n)], dtype=torch.long, device=self.device)
         req = torch.tensor(idx, dtype=torch.long, device=self.device)
         self.requests = [self.requests[i] for i in idx]
+        self.options = [self.options[i] for i in idx]
         self.prompts = [self.prompts[i] for i in idx]
-        self.prompt_len = [self.prompt_len[i] for i in idx]
-        self.max_new = self.max_new[req]
-        self.min_new = [self.min_new[i] for i in idx]
-        self.length_penalty = [self.length_penalty[i] for i in idx]
-        self.repetition_penalty = self.repetition_penalty[rows]
-        self.ngram = [self.ngram[i] for i in idx]
-        self.temperature = self.temperature[rows]
-        self.top_k = [self.top_k[i] for i in idx]
-        self.top_p = [self.top_p[i] for i in idx]
         self.generators = [self.generators[i] for i in idx] if self.generators else []
+        self._derive()
         self._keep_state(req, rows)
 
     def _keep_state(self, req: torch.Tensor, rows: torch.Tensor) -> None:
@@ -91,27 +83,23 @@ class _Group:
 
     def process(self, scores: torch.Tensor, history: torch.Tensor, step: int, min_tokens_to_keep: int):
         """scores [rows, V]; history [rows, T] = left-padded prompt + generated tokens, pads = V."""
-        vocab = scores.shape[-1]
         if bool((self.repetition_penalty != 1.0).any()):
-            padded = torch.nn.functional.pad(scores, (0, 1))
-            picked = padded.gather(1, history)
-            penalty = self.repetition_penalty[:, None]
-            picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-            scores = padded.scatter(1, history, picked)[:, :vocab]
-        for n in sorted(set(self.ngram) - {0}):
-            rows = self._rows_where(lambda i: self.ngram[i] == n and self.prompt_len[i] + step >= n)
+            scores = penalise_repetitions(scores, history, self.repetition_penalty)
+        for n in sorted({o.no_repeat_ngram_size for o in self.options} - {0}):
+            rows = self._rows_where(lambda i: self.options[i].no_repeat_ngram_size == n and len(self.prompts[i]) + step >= n)
             if rows is not None:
-                scores[rows] = _ban_repeated_ngrams(scores[rows], history[rows], n)
-        rows = self._rows_where(lambda i: step < self.min_new[i])
+                scores[rows] = ban_repeated_ngrams(scores[rows], history[rows], n)
+        rows = self._rows_where(lambda i: step < self.options[i].min_new_tokens)
         if rows is not None:
             scores[rows, self.eos] = -float("inf")
         if self.sampling:
             scores = scores / self.temperature[:, None]
-            scores = _top_k(scores, self._per_row([max(k, min_tokens_to_keep) if k else 0 for k in self.top_k]))
-            rows = self._rows_where(lambda i: self.top_p[i] < 1.0)
+            top_k = [o.top_k for o in self.options]
+            scores = top_k_filter(scores, self._per_row([max(k, min_tokens_to_keep) if k else 0 for k in top_k]))
+            rows = self._rows_where(lambda i: self.options[i].top_p < 1.0)
             if rows is not None:
-                threshold = self._per_row([1.0 - p for p in self.top_p], torch.float32)[rows]
-                scores[rows] = _top_p(scores[rows], threshold, min_tokens_to_keep)
+                threshold = self._per_row([1.0 - float(o.top_p) for o in self.options], torch.float32)[rows]
+                scores[rows] = top_p_filter(scores[rows], threshold, min_tokens_to_keep)
         return scores
 
     def _per_row(self, values: list, dtype=torch.long) -> torch.Tensor:
@@ -122,39 +110,6 @@ class _Group:
         if not rows:
             return None
         return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-
-def _ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
-    """NoRepeatNGramLogitsProcessor on left-padded history (pads never match a real prefix)."""
-    length = history.shape[1]
-    prefix = history[:, length + 1 - n :]
-    windows = history.unfold(dimension=1, size=n, step=1)
-    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
-    vocab = scores.shape[-1]
-    banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)
-    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-    return scores.masked_fill(banned[:, :vocab], -float("inf"))
-
-
-def _top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """TopKLogitsWarper with a k per row (0: off)."""
-    if not bool((k > 0).any()):
-        return scores
-    k = k.clamp(max=scores.shape[-1])
-    top = torch.topk(scores, int(k.max()))[0]
-    threshold = top.gather(1, (k.clamp(min=1) - 1)[:, None])
-    threshold = torch.where(k[:, None] > 0, threshold, torch.full_like(threshold, -float("inf")))
-    return scores.masked_fill(scores < threshold, -float("inf"))
-
-
-def _top_p(scores: torch.Tensor, one_minus_top_p: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
-    """TopPLogitsWarper with a top_p per row."""
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= one_minus_top_p[:, None]
-    remove[..., -min_tokens_to_keep:] = False
-    remove = remove.scatter(1, sorted_indices, remove)
-    return scores.masked_fill(remove, -float("inf"))
 
 
 class _SampleGroup(_Group):
@@ -198,7 +153,7 @@ class _SampleGroup(_Group):
         out = []
         for j in range(i * self.n, (i + 1) * self.n):
             length = int(self.length[j])
-            score = float(self.sum_logprobs[j]) / (length ** self.length_penalty[i])
+            score = float(self.sum_logprobs[j]) / (length ** float(self.options[i].length_penalty))
             out.append(Hypothesis(self.prompts[i] + self.generated[j, :length].tolist(), score))
         return sorted(out, key=lambda h: -h.score)
 
@@ -206,11 +161,10 @@ class _SampleGroup(_Group):
 class _BeamGroup(_Group):
     """Beam search (and beam sampling) as in transformers' vectorised `_beam_search`."""
 
-    def __init__(self, *args, num_return_sequences: list[int], **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         r, n, m = len(self.requests), self.n, int(self.max_new.max())
         dev = self.device
-        self.num_return_sequences = num_return_sequences
         self.running_scores = torch.zeros((r, n), dtype=torch.float32, device=dev)
         self.running_scores[:, 1:] = _NEG
         self.running = torch.zeros((r, n, m), dtype=torch.long, device=dev)
@@ -229,7 +183,6 @@ class _BeamGroup(_Group):
         self.finished_length = self.finished_length[req]
         self.is_finished = self.is_finished[req]
         self.improvable = self.improvable[req]
-        self.num_return_sequences = [self.num_return_sequences[i] for i in req.tolist()]
 
     def step(self, logits: torch.Tensor, history: torch.Tensor, step: int):
         r, n = len(self.requests), self.n
@@ -262,7 +215,7 @@ class _BeamGroup(_Group):
 
         # f. finished candidates among the top num_beams enter the finished set if they beat it
         just_finished = hits & self.top_n_mask[None, :]
-        divisor = torch.tensor([float(step + 1) ** lp for lp in self.length_penalty], device=self.device)
+        divisor = torch.tensor([float(step + 1) ** float(o.length_penalty) for o in self.options], device=self.device)
         finished_lp = top_lp / divisor[:, None]
         finished_lp = finished_lp + (~self.improvable).to(torch.float32) * _NEG
         finished_lp = finished_lp + (~just_finished) * _NEG
@@ -294,7 +247,7 @@ class _BeamGroup(_Group):
                 self.prompts[i] + self.finished[i, j, : int(self.finished_length[i, j])].tolist(),
                 float(self.finished_scores[i, j]),
             )
-            for j in range(self.num_return_sequences[i])
+            for j in range(self.options[i].num_return_sequences)
         ]
 
 
@@ -326,12 +279,9 @@ def generate(
     groups: list[_Group] = []
     for (beam, _, rows), members in itertools.groupby(order, key=key):
         members = list(members)
-        opts = [options[i] for i in members]
-        args = (members, opts, [prompts[i] for i in members], rows, config.eos_token_id, device)
-        if beam:
-            groups.append(_BeamGroup(*args, num_return_sequences=[o.num_return_sequences for o in opts]))
-        else:
-            groups.append(_SampleGroup(*args))
+        group = _BeamGroup if beam else _SampleGroup
+        groups.append(group(members, [options[i] for i in members], [prompts[i] for i in members], rows,
+                            config.eos_token_id, device))
 
     with torch.inference_mode():
         order_t = torch.tensor(order, dtype=torch.long)

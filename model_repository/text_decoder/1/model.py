@@ -11,6 +11,7 @@ INVALID_ARG error, and a request its client cancelled stops decoding and is answ
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -26,6 +27,23 @@ from generation_options import GenerationLimits, GenerationOptions, OptionError,
 
 class _BadRequest(Exception):
     pass
+
+
+def _deadline(request) -> float | None:
+    """The caller's deadline, if the request carries one: the `deadline_unix_ms` request parameter.
+
+    Triton hands a cancellation to an ensemble's next step only, never to the step already running, so the
+    gateway also sends its caller's deadline; decoding stops once it has passed (the answer is unwanted).
+    """
+    try:
+        value = json.loads(request.parameters() or "{}").get("deadline_unix_ms")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) / 1000.0 if isinstance(value, (int, float)) else None
+
+
+def _gone(request, deadline: float | None) -> bool:
+    return (deadline is not None and time.time() > deadline) or request.is_cancelled()
 
 
 class TritonPythonModel:
@@ -61,19 +79,22 @@ class TritonPythonModel:
 
         results = []
         if items:
+            deadlines = [_deadline(request) for request in requests]
             embeds = torch.from_numpy(np.stack([embeds for embeds, _, _ in items]))
             results = generate(
                 self.decoder,
                 embeds,
                 [prompt for _, prompt, _ in items],
                 [options for _, _, options in items],
-                is_cancelled=lambda i: requests[owners[i]].is_cancelled(),
+                is_cancelled=lambda i: _gone(requests[owners[i]], deadlines[owners[i]]),
             )
 
         per_request = [[] for _ in requests]
         for owner, hypotheses in zip(owners, results):
             if hypotheses is None:
-                errors[owner] = pb_utils.TritonError("the request was cancelled", pb_utils.TritonError.CANCELLED)
+                errors[owner] = pb_utils.TritonError(
+                    "the request was cancelled or its deadline passed", pb_utils.TritonError.CANCELLED
+                )
             per_request[owner].append(hypotheses)
 
         responses = []
