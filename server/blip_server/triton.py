@@ -38,6 +38,7 @@ class TritonOptions:
     startup_timeout: seconds to wait for readiness (models load then).
     exit_timeout: seconds Triton may take to finish in-flight requests on shutdown.
     log_verbose: Triton's --log-verbose level.
+    log_path: where Triton's log goes (default: a file in the server's temporary work directory).
     """
 
     model_repository: Path
@@ -48,6 +49,7 @@ class TritonOptions:
     startup_timeout: float = 300.0
     exit_timeout: int = 30
     log_verbose: int = 0
+    log_path: Path | None = None
 
 
 def _wheel_paths() -> tuple[Path, Path, Path]:
@@ -86,7 +88,7 @@ class EmbeddedTriton:
         self.options = options
         self._process: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="blip-triton-"))
-        self.log_path = self._workdir / "tritonserver.log"
+        self.log_path = Path(options.log_path) if options.log_path else self._workdir / "tritonserver.log"
 
     def __enter__(self) -> "EmbeddedTriton":
         self.start()
@@ -139,7 +141,7 @@ class EmbeddedTriton:
         python_backend = self._workdir / "backends" / "python"
         shutil.copytree(backend, python_backend, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         shutil.copy2(_stub(f"{sys.version_info.major}.{sys.version_info.minor}"), python_backend)
-        log = self.log_path.open("wb")
+        log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             self.command(),
             stdout=log,
