@@ -1,1 +1,42 @@
-"""Python client SDK for the BLIP caption service (typed API: see protos/)."""
+"""Python client SDK for the BLIP caption service (`blip.caption.v1.CaptionService`).
+
+    from blip_client import CaptionClient, GenerationOptions
+
+    with CaptionClient("127.0.0.1:50051") as client:
+        result = client.caption("photo.jpg", options=GenerationOptions(num_beams=5))
+        print(result.text, result.captions[0].score)
+"""
+
+from blip_client._async_client import AsyncCaptionClient
+from blip_client._client import CaptionClient
+from blip_client._errors import (
+    CancelledError,
+    CaptionError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from blip_client._images import ImageInput
+from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo
+
+__all__ = [
+    "AsyncCaptionClient",
+    "CancelledError",
+    "Caption",
+    "CaptionClient",
+    "CaptionError",
+    "CaptionResult",
+    "DeadlineExceededError",
+    "GenerationOptions",
+    "ImageInput",
+    "InternalError",
+    "InvalidArgumentError",
+    "Limits",
+    "ModelInfo",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+]

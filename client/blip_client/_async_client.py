@@ -1,0 +1,85 @@
+"""AsyncCaptionClient: the asyncio client (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from blip_client._errors import CaptionError, code_from_name, error_for, from_rpc_error
+from blip_client._images import ImageInput
+from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata
+from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
+from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+
+_DEFAULT = object()
+
+
+class AsyncCaptionClient:
+    """The asyncio twin of CaptionClient.
+
+        async with AsyncCaptionClient("127.0.0.1:50051") as client:
+            result = await client.caption("photo.jpg")
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        options = channel_options()
+        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(target, options))
+        self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = metadata(api_key)
+
+    async def __aenter__(self) -> "AsyncCaptionClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout):
+        try:
+            return await method(request, timeout=self._timeout if timeout is _DEFAULT else timeout,
+                                metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    async def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
+                      timeout: float | None = _DEFAULT, request_id: str = "") -> CaptionResult:
+        """Caption one image. Raises the errors CaptionClient.caption raises."""
+        request = build_request(image, prompt, options, request_id)
+        return CaptionResult.from_pb(await self._call(self._stub.Caption, request, timeout))
+
+    async def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "",
+                           options: GenerationOptions | None = None, timeout: float | None = _DEFAULT,
+                           concurrency: int = 8, return_exceptions: bool = False) -> list[CaptionResult | CaptionError]:
+        """Caption many images with at most `concurrency` calls in flight; results in input order."""
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(image):
+            async with slots:
+                return await self.caption(image, prompt=prompt, options=options, timeout=timeout)
+
+        return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=return_exceptions))
+
+    async def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "",
+                             options: GenerationOptions | None = None,
+                             timeout: float | None = None) -> AsyncIterator[tuple[int, CaptionResult | CaptionError]]:
+        """Caption images over one CaptionStream; yields (index, result or error) as they finish."""
+        requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
+        try:
+            async for response in self._stub.CaptionStream(requests, timeout=timeout, metadata=self._metadata):
+                index = int(response.request_id)
+                if response.HasField("error"):
+                    yield index, error_for(code_from_name(response.error.code_name), response.error.message)
+                else:
+                    yield index, CaptionResult.from_pb(response.response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    async def model_info(self, timeout: float | None = _DEFAULT) -> ModelInfo:
+        return ModelInfo.from_pb(await self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))

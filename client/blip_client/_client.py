@@ -1,0 +1,102 @@
+"""CaptionClient: the synchronous client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from blip_client._errors import CaptionError, code_from_name, error_for, from_rpc_error
+from blip_client._images import ImageInput
+from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata
+from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
+from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+
+_DEFAULT = object()
+
+
+class CaptionClient:
+    """Calls a caption server.
+
+        with CaptionClient("127.0.0.1:50051") as client:
+            print(client.caption("photo.jpg").text)
+
+    `timeout` (seconds, None for none) applies to every call that does not pass its own.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        options = channel_options()
+        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
+                         else grpc.insecure_channel(target, options))
+        self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = metadata(api_key)
+
+    def __enter__(self) -> "CaptionClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=self._timeout if timeout is _DEFAULT else timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
+                timeout: float | None = _DEFAULT, request_id: str = "") -> CaptionResult:
+        """Caption one image (bytes, a path or a PIL image).
+
+        Raises:
+            InvalidArgumentError: the image cannot be captioned, or an option is out of range.
+            ResourceExhaustedError: the image is over the size limit, or the server is at capacity.
+            UnavailableError: the server is down or restarting.
+            DeadlineExceededError: the timeout passed.
+            UnauthenticatedError: a valid API key is required.
+            CaptionError: any other failure (InternalError, CancelledError, ...).
+        """
+        request = build_request(image, prompt, options, request_id)
+        return CaptionResult.from_pb(self._call(self._stub.Caption, request, timeout))
+
+    def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "", options: GenerationOptions | None = None,
+                     timeout: float | None = _DEFAULT, concurrency: int = 8,
+                     return_exceptions: bool = False) -> list[CaptionResult | CaptionError]:
+        """Caption many images with at most `concurrency` calls in flight; results in input order.
+
+        With return_exceptions, a failed image's entry is its CaptionError; otherwise the first failure raises.
+        """
+
+        def one(image):
+            try:
+                return self.caption(image, prompt=prompt, options=options, timeout=timeout)
+            except CaptionError as error:
+                if return_exceptions:
+                    return error
+                raise
+
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(one, images))
+
+    def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "", options: GenerationOptions | None = None,
+                       timeout: float | None = None) -> Iterator[tuple[int, CaptionResult | CaptionError]]:
+        """Caption images over one CaptionStream; yields (index in `images`, result or error) as they finish."""
+        requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
+        try:
+            for response in self._stub.CaptionStream(requests, timeout=timeout, metadata=self._metadata):
+                index = int(response.request_id)
+                if response.HasField("error"):
+                    yield index, error_for(code_from_name(response.error.code_name), response.error.message)
+                else:
+                    yield index, CaptionResult.from_pb(response.response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def model_info(self, timeout: float | None = _DEFAULT) -> ModelInfo:
+        """What the server serves: model, image size, option defaults and limits."""
+        return ModelInfo.from_pb(self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))

@@ -1,0 +1,120 @@
+"""`blip-caption`: caption image files with a running caption server.
+
+    blip-caption photo.jpg
+    blip-caption --json --num-beams 5 --concurrency 16 images/*.jpg > captions.jsonl
+
+With --json, one JSON object per image on stdout, in the order given:
+{"image": PATH, "captions": [{"text": ..., "score": ...}]} or {"image": PATH, "error": {"code": ..., "message": ...}}.
+A progress bar goes to stderr when there are several images. The exit status is 1 when any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from blip_client._client import CaptionClient
+from blip_client._errors import CaptionError
+from blip_client._requests import DEFAULT_TARGET
+from blip_client._types import CaptionResult, GenerationOptions
+
+# flag -> (GenerationOptions field, type)
+OPTION_FLAGS = {
+    "--num-beams": ("num_beams", int),
+    "--max-new-tokens": ("max_new_tokens", int),
+    "--min-new-tokens": ("min_new_tokens", int),
+    "--length-penalty": ("length_penalty", float),
+    "--repetition-penalty": ("repetition_penalty", float),
+    "--num-return-sequences": ("num_return_sequences", int),
+    "--no-repeat-ngram-size": ("no_repeat_ngram_size", int),
+    "--temperature": ("temperature", float),
+    "--top-k": ("top_k", int),
+    "--top-p": ("top_p", float),
+    "--seed": ("seed", int),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="blip-caption", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files")
+    parser.add_argument("--server", default=os.environ.get("BLIP_SERVER", DEFAULT_TARGET),
+                        help="caption server HOST:PORT (default: %(default)s; env BLIP_SERVER)")
+    parser.add_argument("--prompt", default="", help="caption prefix, e.g. 'a picture of'")
+    for flag, (field, kind) in OPTION_FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, default=None, metavar=kind.__name__.upper())
+    parser.add_argument("--do-sample", action="store_true", default=None, help="sample instead of searching")
+    parser.add_argument("--concurrency", type=int, default=8, help="images in flight at once (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per image (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("BLIP_API_KEY"), help="API key (env BLIP_API_KEY)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+def _options(args: argparse.Namespace) -> GenerationOptions:
+    fields = [field for field, _ in OPTION_FLAGS.values()] + ["do_sample"]
+    return GenerationOptions(**{f: getattr(args, f) for f in fields})
+
+
+def _caption_file(client: CaptionClient, path: str, args, options) -> CaptionResult | CaptionError:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return CaptionError(f"cannot read {path}: {exc.strerror}", grpc.StatusCode.NOT_FOUND)
+    try:
+        return client.caption(data, prompt=args.prompt, options=options, timeout=args.timeout)
+    except CaptionError as error:
+        return error
+
+
+def _report(path: str, outcome: CaptionResult | CaptionError, as_json: bool) -> None:
+    if as_json:
+        if isinstance(outcome, CaptionError):
+            line = {"image": path, "error": {"code": outcome.code.name, "message": outcome.message}}
+        else:
+            line = {"image": path, "captions": [{"text": c.text, "score": c.score} for c in outcome.captions]}
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    elif isinstance(outcome, CaptionError):
+        print(f"{path}: error: {outcome.code.name}: {outcome.message}", file=sys.stderr, flush=True)
+    else:
+        best, *others = outcome.captions
+        print(f"{path}: {best.text}  (score {best.score:.3f})", flush=True)
+        for caption in others:
+            print(f"    {caption.text}  (score {caption.score:.3f})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = _options(args)
+    failures = 0
+    progress = None
+    if len(args.paths) > 1 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(args.paths), unit="image", file=sys.stderr, dynamic_ncols=True)
+    with CaptionClient(args.server, api_key=args.api_key) as client, ThreadPoolExecutor(args.concurrency) as pool:
+        futures = [pool.submit(_caption_file, client, path, args, options) for path in args.paths]
+        for path, future in zip(args.paths, futures):
+            outcome = future.result()
+            failures += isinstance(outcome, CaptionError)
+            if progress is not None:
+                progress.clear()
+            _report(path, outcome, args.json)
+            if progress is not None:
+                progress.update(1)
+    if progress is not None:
+        progress.close()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
