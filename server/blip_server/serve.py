@@ -1,78 +1,138 @@
-"""`blip-serve`: export the model if needed, start Triton, report ready, stop cleanly on SIGTERM/SIGINT."""
+"""`blip-serve`: export the model if needed, start the gateway and Triton, keep Triton running, stop cleanly.
+
+The gateway answers from the start; its health is NOT_SERVING until Triton is ready, and again whenever Triton
+is down. If Triton dies it is restarted (calls meanwhile fail with UNAVAILABLE); after too many deaths in a
+short time blip-serve gives up and exits non-zero. SIGTERM/SIGINT stop the gateway (in-flight calls get a grace
+period) and then Triton.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from blip_server.config import ServeConfig
-from blip_server.errors import BlipServerError
+from blip_server.errors import BlipServerError, TritonStartError
 from blip_server.export import PRECISIONS, ExportOptions
+from blip_server.gateway.captioner import Captioner, GatewayLimits
+from blip_server.gateway.server import create_server
 from blip_server.model_store import resolve_repository
+from blip_server.repository import read_manifest
 from blip_server.triton import EmbeddedTriton, TritonOptions
 
 log = logging.getLogger("blip-serve")
 
+_HELP = {
+    "model": "HF checkpoint directory or exported model repository (default: the demo checkpoint)",
+    "port": "gateway (typed gRPC API) port",
+    "host": "address the gateway binds to",
+    "api_keys": "comma-separated API keys the gateway requires (default: none required)",
+}
+
 
 def parse_args(argv: list[str] | None, defaults: ServeConfig) -> ServeConfig:
     parser = argparse.ArgumentParser(prog="blip-serve", description="Serve BLIP image captioning on Triton.")
-    parser.add_argument("--model", type=Path, default=defaults.model,
-                        help="HF checkpoint directory or exported model repository (default: the demo checkpoint)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
-    parser.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
-    parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
-    parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
-    parser.add_argument("--triton-metrics-port", type=int, default=defaults.triton_metrics_port)
-    parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
-    parser.add_argument("--startup-timeout", type=float, default=defaults.startup_timeout)
-    args = parser.parse_args(argv)
-    return replace(defaults, **vars(args))
+    for f in fields(ServeConfig):
+        value = getattr(defaults, f.name)
+        kind = {"int": int, "float": float, "str": str}.get(f.type, Path)
+        extra = {"choices": PRECISIONS} if f.name == "precision" else {}
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
+                            help=f"{_HELP.get(f.name, '')} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
+    return replace(defaults, **vars(parser.parse_args(argv)))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class TritonSupervisor:
+    """Runs EmbeddedTriton and restarts it when it dies, up to `max_restarts` within `window` seconds."""
+
+    def __init__(self, options: TritonOptions, max_restarts: int = 5, window: float = 300.0):
+        self.options = options
+        self.max_restarts = max_restarts
+        self.window = window
+        self.triton: EmbeddedTriton | None = None
+        self._deaths: list[float] = []
+
+    async def start(self) -> None:
+        self.triton = EmbeddedTriton(self.options)
+        self.triton.start()
+        await asyncio.to_thread(self.triton.wait_ready)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Return when `stop` is set; raise TritonStartError when Triton keeps dying."""
+        while not stop.is_set():
+            if self.triton.is_running():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
+            log.error("Triton exited unexpectedly:\n%s", self.triton.log_tail())
+            if len(self._deaths) > self.max_restarts:
+                raise TritonStartError(f"Triton died {len(self._deaths)} times in {self.window:.0f} s; giving up")
+            self.triton.cleanup()
+            await asyncio.sleep(min(30.0, 2.0 ** (len(self._deaths) - 1)))
+            log.info("restarting Triton")
+            await self.start()
+            log.info("Triton is ready again")
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton.cleanup()
 
 
-def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT (KeyboardInterrupt) or until Triton dies; returns the process exit code."""
-    repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision))
-    triton = EmbeddedTriton(
-        TritonOptions(
-            model_repository=repository,
-            host=config.host,
-            grpc_port=config.triton_grpc_port,
-            http_port=config.triton_http_port,
-            metrics_port=config.triton_metrics_port,
-            startup_timeout=config.startup_timeout,
-        )
-    )
-    log.info("starting Triton on %s (model repository %s)", config.host, repository)
+async def serve(config: ServeConfig, repository: Path) -> int:
+    manifest = read_manifest(repository)
+    limits = GatewayLimits(max_image_bytes=config.max_image_bytes, max_concurrent_requests=config.max_concurrent_requests,
+                           stream_window=config.stream_window)
+    captioner = Captioner(f"127.0.0.1:{config.triton_grpc_port}", limits, manifest)
+    keys = [k.strip() for k in config.api_keys.split(",") if k.strip()]
+    gateway = await create_server(f"{config.host}:{config.port}", captioner, keys)
+    health = asyncio.create_task(gateway.follow_triton())
+    supervisor = TritonSupervisor(TritonOptions(
+        model_repository=repository, host=config.triton_host, grpc_port=config.triton_grpc_port,
+        http_port=config.triton_http_port, metrics_port=config.triton_metrics_port,
+        startup_timeout=config.startup_timeout, log_path=config.triton_log,
+    ))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        triton.start()
-        triton.wait_ready()
+        log.info("starting Triton (model repository %s)", repository)
+        starting = asyncio.create_task(supervisor.start())
+        await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return 0
+        starting.result()
+        await gateway.set_serving(await captioner.ready())
         print(
-            f"blip-serve: ready: Triton gRPC {config.host}:{config.triton_grpc_port}, "
-            f"HTTP {config.host}:{config.triton_http_port}, metrics {config.host}:{config.triton_metrics_port}; "
-            f"model 'blip_caption' from {repository}",
+            f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService); "
+            f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, HTTP {config.triton_host}:{config.triton_http_port}, "
+            f"metrics {config.triton_host}:{config.triton_metrics_port}; model from {manifest.get('source', repository)}",
             flush=True,
         )
-        while triton.is_running():
-            time.sleep(0.5)
-        log.error("Triton exited unexpectedly:\n%s", triton.log_tail())
-        return 1
-    except KeyboardInterrupt:
+        await supervisor.watch(stop)
         log.info("stopping")
         return 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the graceful stop short
-        triton.stop()
-        triton.cleanup()
+            loop.remove_signal_handler(signum)
+        health.cancel()
+        await gateway.stop(config.shutdown_grace)
+        await asyncio.to_thread(supervisor.stop)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # during the export: stop, leaving no partial export behind
     try:
-        return serve(config)
+        repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision))
+        return asyncio.run(serve(config, repository))
     except BlipServerError as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before Triton started, e.g. while exporting
+    except KeyboardInterrupt:
         return 130
 
 

@@ -10,8 +10,10 @@ import tritonclient.grpc as grpcclient
 
 from blip_server.triton import EmbeddedTriton, TritonOptions
 from support.network import free_port
+from support.serve import ServeProcess
 
 _RUNNING: list[EmbeddedTriton] = []
+_SERVING: list[ServeProcess] = []
 
 
 class Server:
@@ -48,6 +50,19 @@ def servers(repositories, checkpoints):
         _RUNNING.remove(triton)
 
 
+@pytest.fixture(scope="session")
+def service(repositories, checkpoints, tmp_path_factory):
+    """blip-serve (gateway + Triton) serving the standard test checkpoint, as a user runs it."""
+    serve = ServeProcess("--model", str(repositories["standard"]), cache=tmp_path_factory.mktemp("cache"))
+    _SERVING.append(serve)
+    serve.wait_ready()
+    serve.checkpoint = str(checkpoints["standard"])
+    yield serve
+    _SERVING.remove(serve)
+    code, log = serve.stop()
+    assert code == 0, log
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -55,3 +70,6 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         for triton in _RUNNING:
             report.sections.append((f"tritonserver log (pid {triton.pid})", triton.log_tail(80)))
+        for serve in _SERVING:
+            report.sections.append((f"blip-serve log (pid {serve.process.pid})", serve.log()[-8000:]))
+            report.sections.append((f"its tritonserver log", serve.triton_log_tail()))

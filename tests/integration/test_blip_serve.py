@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -18,61 +14,8 @@ from blip_server.errors import TritonStartError
 from blip_server.triton import EmbeddedTriton, TritonOptions
 from support import images, reference
 from support.network import free_port
+from support.serve import ServeProcess, wait_gone
 from support.triton_requests import caption_inputs, captions
-
-BLIP_SERVE = str(Path(sys.executable).parent / "blip-serve")
-
-
-class ServeProcess:
-    def __init__(self, *args: str, cache: Path):
-        self.ports = {name: free_port() for name in ("grpc", "http", "metrics")}
-        self.process = subprocess.Popen(
-            [BLIP_SERVE, *args, "--cache-dir", str(cache), "--triton-grpc-port", str(self.ports["grpc"]),
-             "--triton-http-port", str(self.ports["http"]), "--triton-metrics-port", str(self.ports["metrics"])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-    def wait_ready(self, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        line = ""
-        while time.monotonic() < deadline and "ready" not in line:
-            line = self.process.stdout.readline()
-            if not line and self.process.poll() is not None:
-                pytest.fail(f"blip-serve exited {self.process.returncode}:\n{self.process.stderr.read()}")
-        assert "ready" in line, "no ready line"
-        return line
-
-    def children(self) -> list[int]:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == self.process.pid]
-
-    def stop(self, signum=signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
-        self.process.send_signal(signum)
-        _, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, err
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _wait_gone(pgid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_serve_a_checkpoint_then_stop_cleanly(checkpoints, tmp_path):
@@ -80,6 +23,7 @@ def test_serve_a_checkpoint_then_stop_cleanly(checkpoints, tmp_path):
     try:
         ready = serve.wait_ready()
         assert f"Triton gRPC 127.0.0.1:{serve.ports['grpc']}" in ready
+        assert f"gRPC API 127.0.0.1:{serve.ports['gateway']}" in ready
         image = images.kinds(seed=41)["jpeg"]
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{serve.ports['grpc']}")
         texts, scores = captions(client.infer("blip_caption", caption_inputs(image)))[0]
@@ -90,7 +34,7 @@ def test_serve_a_checkpoint_then_stop_cleanly(checkpoints, tmp_path):
         code, err = serve.stop()
     assert code == 0, err
     assert "stopping" in err
-    assert _wait_gone(triton_pid), "tritonserver or its Python stubs outlived blip-serve"
+    assert wait_gone(triton_pid), "tritonserver or its Python stubs outlived blip-serve"
     assert len(list((tmp_path / "cache" / "repositories").glob("*/blip_export.json"))) == 1
 
 
@@ -106,12 +50,12 @@ def test_the_exported_checkpoint_is_reused_and_a_killed_server_leaves_no_orphans
     (triton_pid,) = second.children()
     code, err = second.stop(signal.SIGKILL)  # no chance to clean up: Triton must still die with it
     assert code == -signal.SIGKILL
-    assert _wait_gone(triton_pid), "tritonserver survived a killed blip-serve"
+    assert wait_gone(triton_pid), "tritonserver survived a killed blip-serve"
     assert len(list((cache / "repositories").glob("*/blip_export.json"))) == 1
 
 
 def test_an_unusable_model_path_is_reported(tmp_path):
-    process = subprocess.run([BLIP_SERVE, "--model", str(tmp_path), "--cache-dir", str(tmp_path)],
+    process = subprocess.run([ServeProcess.COMMAND, "--model", str(tmp_path), "--cache-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=60)
     assert process.returncode == 2
     assert "blip-serve: error:" in process.stderr and "no config.json" in process.stderr

@@ -46,7 +46,7 @@ def test_paths_that_are_neither_are_refused(tmp_path):
 
 
 def test_configuration_comes_from_blip_environment_variables(tmp_path):
-    config = ServeConfig.from_env({"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path),
+    config = ServeConfig.from_env({"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path), "BLIP_API_KEYS": "a,b",
                                    "BLIP_STARTUP_TIMEOUT": "12.5", "BLIP_HOST": "0.0.0.0"})
     assert (config.triton_grpc_port, config.model, config.startup_timeout, config.host) == (9001, tmp_path, 12.5, "0.0.0.0")
     assert ServeConfig.from_env({}).triton_http_port == 8000

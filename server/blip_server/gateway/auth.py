@@ -1,0 +1,45 @@
+"""Optional API keys: `authorization: Bearer <key>` metadata, checked in constant time.
+
+Health checks and reflection stay open so that load balancers and generic tools work without a key.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from blip_server.gateway.errors import Unauthenticated
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keys: list[str]):
+        self._keys = [k.encode() for k in keys if k]
+
+    def _authorised(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                given = value[len("Bearer "):].encode()
+                return any(hmac.compare_digest(given, k) for k in self._keys)
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not self._keys or handler_call_details.method.startswith(OPEN_SERVICES):
+            return handler
+        if self._authorised(handler_call_details.invocation_metadata):
+            return handler
+        refusal = Unauthenticated("a valid API key is required: send 'authorization: Bearer <key>' metadata")
+        if handler.unary_unary is not None:
+            async def refuse_unary(request, context):
+                raise refusal
+
+            return handler._replace(unary_unary=refuse_unary)
+
+        async def refuse_stream(request_iterator, context):
+            raise refusal
+            yield  # pragma: no cover - makes this an async generator
+
+        return handler._replace(stream_stream=refuse_stream)

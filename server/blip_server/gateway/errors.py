@@ -1,0 +1,131 @@
+"""The one place that maps failures to gRPC status codes.
+
+Domain code raises ServiceError subclasses; the interceptor turns them into statuses, and anything
+unexpected into INTERNAL with a generic message while the traceback goes to the log. Never UNKNOWN, never a
+traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from tritonclient.utils import InferenceServerException
+
+from blip_client.protos.blip.caption.v1 import caption_pb2
+
+log = logging.getLogger("blip-serve.gateway")
+
+
+class ServiceError(Exception):
+    """A failure the caller is told about, with its status code."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_pb(self) -> caption_pb2.Error:
+        return caption_pb2.Error(code=self.code.value[0], code_name=self.code.name, message=self.message)
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+# Triton's status (as tritonclient reports it) -> what the caller gets.
+_FROM_TRITON = {
+    "StatusCode.INVALID_ARGUMENT": InvalidArgument,
+    "StatusCode.UNAVAILABLE": Unavailable,
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
+    "StatusCode.CANCELLED": Cancelled,
+    "StatusCode.RESOURCE_EXHAUSTED": ResourceExhausted,
+}
+_ENSEMBLE_PREFIX = "in ensemble 'blip_caption', "
+
+
+def from_triton(exc: InferenceServerException) -> ServiceError:
+    kind = _FROM_TRITON.get(str(exc.status()))
+    message = str(exc.message() or "")
+    if message.startswith(_ENSEMBLE_PREFIX):
+        message = message[len(_ENSEMBLE_PREFIX):]
+    if kind is Unavailable:
+        return Unavailable(f"the inference server is unavailable ({message})")
+    if kind is None:
+        log.error("Triton failed a request: %s %s", exc.status(), message)
+        return ServiceError(INTERNAL_MESSAGE)
+    return kind(message)
+
+
+def unexpected(exc: BaseException) -> ServiceError:
+    log.error("unexpected failure", exc_info=exc)
+    return ServiceError(INTERNAL_MESSAGE)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns ServiceError into its status and anything else into INTERNAL, for unary and streaming RPCs."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_unary(handler.unary_unary))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_stream(handler.stream_stream))
+        return handler
+
+
+def _unary(behavior):
+    async def wrapped(request, context):
+        try:
+            return await behavior(request, context)
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
+            error = unexpected(exc)
+            await context.abort(error.code, error.message)
+
+    return wrapped
+
+
+def _stream(behavior):
+    async def wrapped(request_iterator, context):
+        try:
+            async for response in behavior(request_iterator, context):
+                yield response
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            error = unexpected(exc)
+            await context.abort(error.code, error.message)
+
+    return wrapped

@@ -1,0 +1,192 @@
+"""The gateway's own behaviour over real gRPC, with the Triton call replaced: status mapping, streams, auth,
+health, reflection, limits. (Against the real Triton: tests/integration/test_gateway.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from blip_client import CaptionClient, GenerationOptions
+from blip_client import _errors as client_errors
+from blip_server.ensemble import CaptionText
+from blip_server.gateway import errors
+from blip_server.gateway.captioner import Captioner, GatewayLimits
+from blip_server.gateway.messages import ModelDescription
+from support.gateway import BackgroundGateway
+
+FAILURES = {
+    "invalid": errors.InvalidArgument("num_beams=0 is out of range: allowed 1 to 8"),
+    "exhausted": errors.ResourceExhausted("too big"),
+    "unavailable": errors.Unavailable("the inference server is unavailable"),
+    "deadline": errors.DeadlineExceeded("too slow"),
+    "cancelled": errors.Cancelled("cancelled"),
+}
+
+
+class FakeCaptioner(Captioner):
+    """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
+
+    def __init__(self, limits=GatewayLimits()):
+        super().__init__("127.0.0.1:1", limits)
+        self.seen = []
+        self.release = asyncio.Event()
+
+    async def ready(self):
+        return True
+
+    async def describe(self):
+        return ModelDescription("blip_caption", "/checkpoint", 384, 384, "fp32", {"num_beams": 3}, {"max_num_beams": 8})
+
+    async def _infer(self, job, timeout):
+        self.seen.append((job, timeout))
+        if job.prompt.startswith("fail:"):
+            raise FAILURES[job.prompt[5:]]
+        if job.prompt == "crash":
+            raise RuntimeError("secret internal detail")
+        if job.prompt == "slow":
+            await self.release.wait()
+        return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]
+
+
+@pytest.fixture
+def served():
+    captioner = FakeCaptioner(GatewayLimits(max_image_bytes=1000, max_concurrent_requests=2, stream_window=2))
+    gateway = BackgroundGateway(captioner)
+    yield gateway, captioner
+    gateway.call(_release(captioner))
+    gateway.stop()
+
+
+async def _release(captioner):
+    captioner.release.set()
+
+
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+def test_service_errors_become_their_status_codes(served, kind):
+    gateway, _ = served
+    with CaptionClient(gateway.address) as client:
+        with pytest.raises(client_errors.ERRORS_BY_CODE[FAILURES[kind].code]) as error:
+            client.caption(b"image", prompt=f"fail:{kind}")
+    assert error.value.message.startswith(FAILURES[kind].message)
+
+
+def test_a_bug_is_internal_with_a_generic_message(served):
+    gateway, _ = served
+    with CaptionClient(gateway.address) as client, pytest.raises(client_errors.InternalError) as error:
+        client.caption(b"image", prompt="crash")
+    assert "secret" not in error.value.message and "Traceback" not in error.value.message
+    assert error.value.message == errors.INTERNAL_MESSAGE
+
+
+def test_explicit_zero_options_are_sent_and_unset_ones_are_not(served):
+    gateway, captioner = served
+    with CaptionClient(gateway.address) as client:
+        client.caption(b"image", options=GenerationOptions(num_beams=0, top_p=0.5), timeout=7)
+    job, timeout = captioner.seen[-1]
+    assert job.options == {"num_beams": 0, "top_p": 0.5}
+    assert timeout == pytest.approx(7, abs=1)  # the caller's deadline is passed on
+
+
+def test_the_gateway_refuses_what_it_owns(served):
+    gateway, _ = served
+    with CaptionClient(gateway.address) as client:
+        with pytest.raises(client_errors.InvalidArgumentError, match="image is empty"):
+            client.caption(b"")
+        with pytest.raises(client_errors.ResourceExhaustedError, match="image is 1001 bytes; the limit is 1000"):
+            client.caption(b"x" * 1001)
+        with pytest.raises(client_errors.ResourceExhaustedError):  # over gRPC's message limit altogether
+            client.caption(b"x" * 200_000)
+        with pytest.raises(client_errors.InvalidArgumentError, match="prompt is longer than"):
+            client.caption(b"image", prompt="p" * 5000)
+
+
+def test_requests_over_capacity_are_refused_not_queued(served):
+    gateway, captioner = served
+    outcomes = []
+
+    def slow():
+        with CaptionClient(gateway.address) as client:
+            outcomes.append(client.caption(b"image", prompt="slow"))
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for t in threads:
+        t.start()
+    with CaptionClient(gateway.address) as client:
+        for _ in range(100):
+            if len(captioner.seen) == 2:
+                break
+            threading.Event().wait(0.05)
+        with pytest.raises(client_errors.ResourceExhaustedError, match="at capacity"):
+            client.caption(b"image", prompt="third")
+        gateway.call(_release(captioner))
+        for t in threads:
+            t.join(10)
+        assert len(outcomes) == 2
+        assert client.caption(b"image", prompt="after").text.startswith("after")
+
+
+def test_a_stream_answers_every_item_and_survives_failed_ones(served):
+    gateway, _ = served
+    prompts = ["a", "fail:invalid", "b", "crash", "c", "fail:exhausted", "d"]
+    with CaptionClient(gateway.address) as client:
+        answers = dict(client.caption_stream([b"image"] * len(prompts), prompt="x"))
+        assert sorted(answers) == list(range(len(prompts)))
+        stub_answers = {}
+        from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+
+        stub = caption_pb2_grpc.CaptionServiceStub(client._channel)
+        requests = [caption_pb2.CaptionRequest(image=b"image", prompt=p, request_id=f"id-{i}") for i, p in enumerate(prompts)]
+        for response in stub.CaptionStream(iter(requests)):  # the iterator's end is the client's half-close
+            stub_answers[response.request_id] = response
+    assert sorted(stub_answers) == sorted(f"id-{i}" for i in range(len(prompts)))
+    for i, prompt in enumerate(prompts):
+        response = stub_answers[f"id-{i}"]
+        if prompt.startswith("fail:"):
+            assert response.error.code_name == FAILURES[prompt[5:]].code.name
+            assert response.error.code == FAILURES[prompt[5:]].code.value[0]
+        elif prompt == "crash":
+            assert response.error.code_name == "INTERNAL" and "secret" not in response.error.message
+        else:
+            assert response.response.captions[0].text.startswith(prompt)
+            assert response.response.request_id == f"id-{i}"
+
+
+def test_model_info(served):
+    gateway, _ = served
+    with CaptionClient(gateway.address) as client:
+        info = client.model_info()
+    assert (info.model, info.image_height, info.defaults.num_beams, info.limits.max_num_beams) == ("blip_caption", 384, 3, 8)
+
+
+def test_health_follows_readiness_and_reflection_lists_the_services(served):
+    gateway, _ = served
+    with grpc.insecure_channel(gateway.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service="blip.caption.v1.CaptionService")).status
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        gateway.call(gateway.gateway.set_serving(True))
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"blip.caption.v1.CaptionService", "grpc.health.v1.Health"} <= names
+
+
+def test_api_keys_are_required_when_configured():
+    gateway = BackgroundGateway(FakeCaptioner(), api_keys=["s3cret", "other"])
+    try:
+        with CaptionClient(gateway.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
+            anonymous.caption(b"image")
+        with CaptionClient(gateway.address, api_key="wrong") as wrong, pytest.raises(client_errors.UnauthenticatedError):
+            list(wrong.caption_stream([b"image"]))
+        with CaptionClient(gateway.address, api_key="other") as right:
+            assert right.caption(b"image", prompt="ok").text.startswith("ok")
+        with grpc.insecure_channel(gateway.address) as channel:  # health stays open for load balancers
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    finally:
+        gateway.stop()
