@@ -1,9 +1,7 @@
 """Loopback ports chosen at run time."""
 
-import socket
+from blip_server.ports import free_ports
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]

@@ -10,14 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from support.network import free_port
+from blip_server.ports import free_ports
 
 
 class ServeProcess:
     COMMAND = str(Path(sys.executable).parent / "blip-serve")
 
     def __init__(self, *args: str, cache: Path):
-        self.ports = {name: free_port() for name in ("gateway", "grpc", "http", "metrics")}
+        self.ports = dict(zip(("gateway", "grpc", "http", "metrics"), free_ports(4)))
         self.stderr = tempfile.NamedTemporaryFile(prefix="blip-serve-", suffix=".log", delete=False)
         self.triton_log = Path(self.stderr.name).with_suffix(".triton.log")
         self.process = subprocess.Popen(
@@ -30,6 +30,9 @@ class ServeProcess:
 
     def log(self) -> str:
         return Path(self.stderr.name).read_text(errors="replace")
+
+    def triton_log_text(self) -> str:
+        return self.triton_log.read_text(errors="replace") if self.triton_log.exists() else ""
 
     def triton_log_tail(self, lines: int = 60) -> str:
         try:

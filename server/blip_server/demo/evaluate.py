@@ -15,13 +15,13 @@ import argparse
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from blip_server.demo.scenes import PROMPT, encode, render
+from blip_server.ports import free_ports
 
 EVALUATION_SEED = 20_261_129
 
@@ -48,14 +48,8 @@ def measure(address: str, held_out: list[tuple[bytes, str]], concurrency: int = 
     return report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(model: Path | None) -> tuple[subprocess.Popen, str]:
-    ports = [str(_free_port()) for _ in range(4)]
+    ports = [str(port) for port in free_ports(4)]
     command = [str(Path(sys.executable).parent / "blip-serve"), "--port", ports[0], "--triton-grpc-port", ports[1],
                "--triton-http-port", ports[2], "--triton-metrics-port", ports[3]]
     if model is not None:
