@@ -23,7 +23,7 @@ def _default_cache_dir() -> Path:
 class ServeConfig:
     """What `blip-serve` serves and where.
 
-    model: HF checkpoint directory or exported model repository; None serves the demo checkpoint.
+    model: HF checkpoint directory or exported model repository; unset: the demo checkpoint.
     precision: precision to export a checkpoint at.
     host, port: where the gateway (the typed gRPC API) listens.
     api_keys: comma-separated keys the gateway requires as `authorization: Bearer <key>`; empty: none.

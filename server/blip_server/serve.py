@@ -28,23 +28,40 @@ from blip_server.triton import EmbeddedTriton, TritonOptions
 
 log = logging.getLogger("blip-serve")
 
-_HELP = {
-    "model": "HF checkpoint directory or exported model repository (default: the demo checkpoint)",
-    "port": "gateway (typed gRPC API) port",
-    "host": "address the gateway binds to",
-    "api_keys": "comma-separated API keys the gateway requires (default: none required)",
-}
+def _field_help() -> dict[str, str]:
+    """Each field's help text, from the `name[, name...]: text` lines of ServeConfig's docstring."""
+    helps, current = {}, []
+    for line in (ServeConfig.__doc__ or "").splitlines():
+        names, sep, text = line.strip().partition(": ")
+        if sep and all(n.strip().isidentifier() for n in names.split(",")):
+            current = [n.strip() for n in names.split(",")]
+            helps.update({n: text for n in current})
+        elif line.strip() and current:
+            helps.update({n: f"{helps[n]} {line.strip()}" for n in current})
+        else:
+            current = []
+    return helps
 
 
 def parse_args(argv: list[str] | None, defaults: ServeConfig) -> ServeConfig:
     parser = argparse.ArgumentParser(prog="blip-serve", description="Serve BLIP image captioning on Triton.")
+    helps = _field_help()
     for f in fields(ServeConfig):
         value = getattr(defaults, f.name)
         kind = {"int": int, "float": float, "str": str}.get(f.type, Path)
         extra = {"choices": PRECISIONS} if f.name == "precision" else {}
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
-                            help=f"{_HELP.get(f.name, '')} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
+                            help=f"{helps.get(f.name, '').rstrip('.')} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
     return replace(defaults, **vars(parser.parse_args(argv)))
+
+
+async def _reach(captioner: Captioner, timeout: float) -> None:
+    """Wait until the gateway's own channel reaches the ready ensemble (Triton answered ready already)."""
+    deadline = time.monotonic() + timeout
+    while not await captioner.ready():
+        if time.monotonic() > deadline:
+            raise TritonStartError(f"Triton is ready but the gateway could not reach it within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 class TritonSupervisor:
@@ -113,7 +130,8 @@ async def serve(config: ServeConfig, repository: Path) -> int:
             starting.cancel()
             return 0
         starting.result()
-        await gateway.set_serving(await captioner.ready())
+        await _reach(captioner, timeout=30.0)
+        await gateway.set_serving(True)
         print(
             f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService); "
             f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, HTTP {config.triton_host}:{config.triton_http_port}, "
