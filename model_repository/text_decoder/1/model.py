@@ -92,6 +92,7 @@ class TritonPythonModel:
         per_request = [[] for _ in requests]
         for owner, hypotheses in zip(owners, results):
             if hypotheses is None:
+                pb_utils.Logger.log_info("text_decoder: stopped decoding a request: cancelled or past its deadline")
                 errors[owner] = pb_utils.TritonError(
                     "the request was cancelled or its deadline passed", pb_utils.TritonError.CANCELLED
                 )
