@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from blip_server.export import export_checkpoint
 from blip_server.random_checkpoint import build
 from support.checkpoints import SPECS
+
+# The models the tests run in process are tiny: one thread is fastest for them, and more threads only fight the
+# tritonserver processes (and anything else busy on the machine) for the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

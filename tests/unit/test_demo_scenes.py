@@ -40,7 +40,7 @@ def test_captions_follow_the_grammar():
     captions = {s.caption for s in SCENES}
     assert {o.shape for s in SCENES for o in s.objects} == set(SHAPES)
     assert {o.colour for s in SCENES for o in s.objects} == set(COLOURS)
-    assert len(captions) > 200
+    assert len(captions) > 150  # of 36 one-object and 1,296 two-object captions
 
 
 def test_each_object_is_drawn_in_its_colour():
