@@ -87,9 +87,9 @@ def _report(path: str, outcome: CaptionResult | CaptionError, as_json: bool) -> 
         print(f"{path}: error: {outcome.code.name}: {outcome.message}", file=sys.stderr, flush=True)
     else:
         best, *others = outcome.captions
-        print(f"{path}: {best.text}  (score {best.score:.3f})", flush=True)
+        print(f"{path}: {best.text}  (score {best.score:.4f})", flush=True)
         for caption in others:
-            print(f"    {caption.text}  (score {caption.score:.3f})", flush=True)
+            print(f"    {caption.text}  (score {caption.score:.4f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
