@@ -51,14 +51,23 @@ TRITON_CHANNEL_ARGS = [
 
 class Captioner:
     def __init__(self, triton_url: str, limits: GatewayLimits, manifest: dict | None = None):
-        self._client = triton_aio.InferenceServerClient(triton_url, channel_args=TRITON_CHANNEL_ARGS)
+        self._triton_url = triton_url
+        self._triton: triton_aio.InferenceServerClient | None = None
         self.limits = limits
         self._manifest = manifest or {}
         self._in_flight = 0
         self._description: ModelDescription | None = None
 
+    @property
+    def _client(self) -> triton_aio.InferenceServerClient:
+        """The channel to Triton, opened on first use: in the event loop that serves the gateway."""
+        if self._triton is None:
+            self._triton = triton_aio.InferenceServerClient(self._triton_url, channel_args=TRITON_CHANNEL_ARGS)
+        return self._triton
+
     async def close(self) -> None:
-        await self._client.close()
+        if self._triton is not None:
+            await self._triton.close()
 
     async def ready(self) -> bool:
         try:
