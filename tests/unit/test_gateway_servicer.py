@@ -10,13 +10,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from blip_client import CaptionClient, GenerationOptions
 from blip_client import _errors as client_errors
 from blip_server.ensemble import CaptionText
 from blip_server.gateway import errors
 from blip_server.gateway.captioner import Captioner, GatewayLimits
-from blip_server.gateway.messages import ModelDescription
+from blip_server.gateway.messages import CaptionJob, ModelDescription
 from support.gateway import BackgroundGateway
 
 FAILURES = {
@@ -190,3 +191,18 @@ def test_api_keys_are_required_when_configured():
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     finally:
         gateway.stop()
+
+
+def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
+    class CancellingTriton:  # the decoder noticed the passed deadline before the gateway's own timer fired
+        async def infer(self, *args, parameters=None, **kwargs):
+            await asyncio.sleep(0.05)
+            raise InferenceServerException("the request was cancelled or its deadline passed", "StatusCode.CANCELLED")
+
+    captioner = Captioner("127.0.0.1:1", GatewayLimits())
+    captioner._triton = CancellingTriton()
+    job = CaptionJob(b"image", "", {}, "")
+    with pytest.raises(errors.DeadlineExceeded):
+        asyncio.run(captioner._infer(job, timeout=0.01))
+    with pytest.raises(errors.Cancelled):
+        asyncio.run(captioner._infer(job, timeout=10))

@@ -15,7 +15,14 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from blip_server import ensemble
-from blip_server.gateway.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, from_triton
+from blip_server.gateway.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    from_triton,
+)
 from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
 
 log = logging.getLogger("blip-serve.gateway")
@@ -101,7 +108,8 @@ class Captioner:
     async def _infer(self, job: CaptionJob, timeout: float | None) -> list[ensemble.CaptionText]:
         # The deadline travels twice: as the Triton call's own timeout, and as a request parameter the decoder
         # checks while it decodes (Triton cancels an ensemble only between its steps).
-        parameters = {"deadline_unix_ms": int((time.time() + timeout) * 1000)} if timeout is not None else None
+        deadline = time.time() + timeout if timeout is not None else None
+        parameters = {"deadline_unix_ms": int(deadline * 1000)} if deadline is not None else None
         try:
             result = await self._client.infer(
                 ensemble.MODEL,
@@ -111,7 +119,11 @@ class Captioner:
                 parameters=parameters,
             )
         except InferenceServerException as exc:
-            raise from_triton(exc) from exc
+            error = from_triton(exc)
+            if isinstance(error, Cancelled) and deadline is not None and time.time() >= deadline:
+                # The decoder stopped because the caller's deadline passed, just before our own timer fired.
+                raise DeadlineExceeded("the deadline passed before the caption was ready") from exc
+            raise error from exc
         return ensemble.captions(result)[0]
 
     async def describe(self) -> ModelDescription:
