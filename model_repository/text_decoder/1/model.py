@@ -16,7 +16,11 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# OpenMP threads that wait sleep instead of spinning: the encoder and preprocess share the cores with this model,
+# and spinning threads of two processes on the same cores slow both down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402  (reads OMP_WAIT_POLICY when it loads)
 import triton_python_backend_utils as pb_utils
 
 from blip_text_decoder import BlipTextDecoder

@@ -28,6 +28,8 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = _parameter(config, "threads", 0) or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: the decoder and preprocess share the cores with this model.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
