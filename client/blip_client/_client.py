@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from blip_client._errors import CaptionError, code_from_name, error_for, from_rpc_error
+from blip_client._errors import CaptionError, from_rpc_error
 from blip_client._images import ImageInput
-from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata
+from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata, stream_item
 from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
@@ -89,11 +89,7 @@ class CaptionClient:
         requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
         try:
             for response in self._stub.CaptionStream(requests, timeout=timeout, metadata=self._metadata):
-                index = int(response.request_id)
-                if response.HasField("error"):
-                    yield index, error_for(code_from_name(response.error.code_name), response.error.message)
-                else:
-                    yield index, CaptionResult.from_pb(response.response)
+                yield stream_item(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
