@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 # Field annotation (a string, under `from __future__ import annotations`) -> parser of its variable.
-_PARSERS = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
+FIELD_PARSERS = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
 
 
 def _default_cache_dir() -> Path:
@@ -64,7 +64,7 @@ class ServeConfig:
             raw = environ.get(f"BLIP_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            kind = _PARSERS[f.type]
+            kind = FIELD_PARSERS[f.type]
             try:
                 values[f.name] = kind(raw)
             except ValueError:

@@ -17,7 +17,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from blip_server.config import ServeConfig
+from blip_server.config import FIELD_PARSERS, ServeConfig
 from blip_server.errors import BlipServerError, TritonStartError
 from blip_server.export import PRECISIONS, ExportOptions
 from blip_server.gateway.captioner import Captioner, GatewayLimits
@@ -27,6 +27,7 @@ from blip_server.repository import read_manifest
 from blip_server.triton import EmbeddedTriton, TritonOptions
 
 log = logging.getLogger("blip-serve")
+
 
 def _field_help() -> dict[str, str]:
     """Each field's help text, from the `name[, name...]: text` lines of ServeConfig's docstring."""
@@ -48,9 +49,8 @@ def parse_args(argv: list[str] | None, defaults: ServeConfig) -> ServeConfig:
     helps = _field_help()
     for f in fields(ServeConfig):
         value = getattr(defaults, f.name)
-        kind = {"int": int, "float": float, "str": str}.get(f.type, Path)
         extra = {"choices": PRECISIONS} if f.name == "precision" else {}
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=FIELD_PARSERS[f.type], default=value,
                             help=f"{helps.get(f.name, '').rstrip('.')} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
     return replace(defaults, **vars(parser.parse_args(argv)))
 
