@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
@@ -54,6 +55,12 @@ TRITON_CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def _parse_default(name: str, raw: str) -> bool | int | float:
+    """A `default_<option>` parameter of the preprocess config, as the type of the option's tensor."""
+    dtype = ensemble.OPTION_TENSORS[name][2]
+    return raw.strip().lower() == "true" if dtype is np.bool_ else dtype(raw).item()
 
 
 class Captioner:
@@ -134,11 +141,8 @@ class Captioner:
             except InferenceServerException as exc:
                 raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
             params = {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
-            defaults = {}
-            for name in OPTION_FIELDS:
-                raw = params.get(f"default_{name}")
-                if raw:
-                    defaults[name] = raw.lower() == "true" if name == "do_sample" else (float(raw) if "." in raw else int(raw))
+            defaults = {name: _parse_default(name, params[f"default_{name}"])
+                        for name in OPTION_FIELDS if params.get(f"default_{name}")}
             size = self._manifest.get("image_size") or [0, 0]
             self._description = ModelDescription(
                 model=ensemble.MODEL,
