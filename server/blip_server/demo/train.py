@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from blip_server.demo.evaluate import scenes as held_out
 from blip_server.demo.model import DemoArchitecture, build_config, build_processor
 from blip_server.demo.scenes import PROMPT, SceneStyle, encode, render
 
@@ -142,11 +143,6 @@ def _batches(config: TrainConfig, processor):
     return iter(loader)
 
 
-def held_out(seed: int, count: int) -> list[tuple[bytes, str]]:
-    rng = random.Random(seed)
-    return [(encode(scene, rng), scene.caption) for scene in (render(rng) for _ in range(count))]
-
-
 def evaluate(model, processor, scenes: list[tuple[bytes, str]], batch_size: int = 40) -> dict[str, float]:
     """Exact-caption accuracy with the service's default options, unconditional and prompted."""
     import torch
@@ -200,7 +196,7 @@ def train(config: TrainConfig, log=print) -> dict:
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (1 + math.cos(math.pi * progress))
 
-    scenes = held_out(config.eval_seed, config.eval_scenes)
+    scenes = held_out(config.eval_scenes, config.eval_seed)
     batches = _batches(config, processor)
     curve, started, losses = [], time.monotonic(), []
     for step in range(1, config.steps + 1):
