@@ -7,7 +7,6 @@ runs in its own process group (so its Python-backend stubs can be stopped with i
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ class TritonOptions:
     exit_timeout: seconds Triton may take to finish in-flight requests on shutdown.
     log_verbose: Triton's --log-verbose level.
     log_path: where Triton's log goes (default: a file in the server's temporary work directory).
+    model_config_name: load `<model>/configs/<name>.pbtxt` where a model has one (`gpu`), else `config.pbtxt`.
     """
 
     model_repository: Path
@@ -50,6 +50,7 @@ class TritonOptions:
     exit_timeout: int = 30
     log_verbose: int = 0
     log_path: Path | None = None
+    model_config_name: str = ""
 
 
 def _wheel_paths() -> tuple[Path, Path, Path]:
@@ -73,9 +74,16 @@ def _stub(python_version: str) -> Path:
     return stub
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+# tritonserver is started through this one-line Python program: it asks the kernel to SIGKILL it when its parent
+# dies (PR_SET_PDEATHSIG survives exec), then becomes tritonserver. Doing that in a `preexec_fn` would force
+# subprocess to fork() rather than vfork(), and fork() runs gRPC's fork handlers in the child, which abort while
+# the parent's gRPC threads are busy (the gateway serves calls while Triton restarts).
+_EXEC_DYING_WITH_PARENT = (
+    "import ctypes, os, sys; "
+    f"ctypes.CDLL('libc.so.6', use_errno=True).prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(70); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 class EmbeddedTriton:
@@ -120,6 +128,7 @@ class EmbeddedTriton:
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             f"--log-verbose={o.log_verbose}",
+            *([f"--model-config-name={o.model_config_name}"] if o.model_config_name else []),
             # Python-backend tensors travel through shared memory; start big enough for a batch of embeddings.
             "--backend-config=python,shm-default-byte-size=33554432",
             "--backend-config=python,shm-growth-byte-size=33554432",
@@ -143,14 +152,13 @@ class EmbeddedTriton:
         shutil.copy2(_stub(f"{sys.version_info.major}.{sys.version_info.minor}"), python_backend)
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            self.command(),
+            [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *self.command()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self._environment(),
             cwd=self._workdir,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -158,7 +166,7 @@ class EmbeddedTriton:
         return self._process is not None and self._process.poll() is None
 
     def is_ready(self) -> bool:
-        url = f"http://{_connect_host(self.options.host)}:{self.options.http_port}/v2/health/ready"
+        url = f"http://{connect_host(self.options.host)}:{self.options.http_port}/v2/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200
@@ -213,5 +221,6 @@ class EmbeddedTriton:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-def _connect_host(host: str) -> str:
+def connect_host(host: str) -> str:
+    """Where to reach a server bound to `host` from this machine."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
