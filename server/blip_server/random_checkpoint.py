@@ -8,7 +8,9 @@ caption length is fixed, so tests and benchmarks build their own checkpoints:
 
 Decoder weights are drawn wider than transformers' default initialisation so that next-token distributions
 are peaked (captions do not hinge on near-ties), and the end-of-caption token gets a bias so that captions
-end at varied lengths.
+end at varied lengths. Vision weights are drawn with a ViT's usual spread (BLIP's vision config initialises
+them with a standard deviation of 1e-10, which makes every image encode to nearly the same embeddings): the
+image must matter to the caption, and numerical checks of the encoder (fp16, int8) must see real signal.
 
     python -m blip_server.random_checkpoint --preset large --output /tmp/blip-large-random
 """
@@ -61,6 +63,7 @@ class CheckpointSpec:
     special_positions: dict[str, int] = field(default_factory=dict)
     image_size: int | None = None
     decoder_init_std: float = 0.5
+    vision_init_std: float = 0.02
     eos_bias: float = 2.0
     legacy_files: bool = False  # preprocessor_config.json + vocab.txt only, like the Salesforce hub snapshots
     image_mean: tuple[float, float, float] | None = None
@@ -95,42 +98,60 @@ def build(spec: CheckpointSpec, output: str | Path) -> Path:
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    preset = PRESETS[spec.preset]
     vocab = _vocabulary(spec)
     ids = {t: i for i, t in enumerate(vocab)}
     tokenizer = BertTokenizer(vocab=ids, bos_token="[DEC]")
-    vision = dict(preset["vision"], **spec.vision)
-    if spec.image_size:
-        vision["image_size"] = spec.image_size
+    vision, text = model_configs(spec, len(vocab))
     image_processor = BlipImageProcessorPil(
         size={"height": vision["image_size"], "width": vision["image_size"]},
         **({"image_mean": list(spec.image_mean)} if spec.image_mean else {}),
         **({"image_std": list(spec.image_std)} if spec.image_std else {}),
     )
-    text = dict(preset["text"], **spec.text)
-    text.update(vocab_size=len(vocab), bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
-                eos_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"], encoder_hidden_size=vision["hidden_size"])
+    text.update(bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"],
+                pad_token_id=ids["[PAD]"])
     config = BlipConfig(text_config=text, vision_config=vision)
 
     torch.manual_seed(spec.seed)
     model = BlipForConditionalGeneration(config).eval()
+    randomise(model, spec, eos_token_id=ids["[SEP]"])
+    model.save_pretrained(output)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output)
+    if spec.legacy_files:
+        _to_legacy_layout(output, vocab)
+    return output
+
+
+def model_configs(spec: CheckpointSpec, vocab_size: int) -> tuple[dict, dict]:
+    """(vision, text) config dicts of the spec's architecture (token ids are the caller's)."""
+    preset = PRESETS[spec.preset]
+    vision = dict(preset["vision"], **spec.vision)
+    if spec.image_size:
+        vision["image_size"] = spec.image_size
+    text = dict(preset["text"], **spec.text, vocab_size=vocab_size, encoder_hidden_size=vision["hidden_size"])
+    return vision, text
+
+
+def randomise(model, spec: CheckpointSpec, eos_token_id: int) -> None:
+    """Draw the weights of a BlipForConditionalGeneration as the module docstring says (seeded by the spec)."""
+    import torch
+
     generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
-        decoder = model.text_decoder
-        for name, param in decoder.named_parameters():
+        for name, param in model.vision_model.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                continue
+            if name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * spec.vision_init_std)
+        for name, param in model.text_decoder.named_parameters():
             if "LayerNorm" in name:
                 continue
             if name.endswith("weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * spec.decoder_init_std / param.shape[-1] ** 0.25)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-        decoder.cls.predictions.decoder.bias[ids["[SEP]"]] += spec.eos_bias
-
-    model.save_pretrained(output)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output)
-    if spec.legacy_files:
-        _to_legacy_layout(output, vocab)
-    return output
+        model.text_decoder.cls.predictions.decoder.bias[eos_token_id] += spec.eos_bias
 
 
 def _to_legacy_layout(output: Path, vocab: list[str]) -> None:
