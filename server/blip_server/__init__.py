@@ -1,6 +1,6 @@
 """BLIP image captioning served by NVIDIA Triton: checkpoint export, the embedded Triton launcher, `blip-serve`."""
 
-from blip_server.config import ServeConfig
+from blip_server.config import GatewayConfig, ServeConfig
 from blip_server.errors import BlipServerError, ExportError, ModelNotFoundError, TritonStartError
 from blip_server.export import ExportOptions, export_checkpoint
 from blip_server.triton import EmbeddedTriton, TritonOptions
@@ -10,6 +10,7 @@ __all__ = [
     "EmbeddedTriton",
     "ExportError",
     "ExportOptions",
+    "GatewayConfig",
     "ModelNotFoundError",
     "ServeConfig",
     "TritonOptions",

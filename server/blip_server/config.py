@@ -1,17 +1,33 @@
-"""Configuration of `blip-serve`: one keyword-only dataclass, overridable from `BLIP_*` environment variables.
+"""Configuration of `blip-serve` and `blip-gateway`: keyword-only dataclasses, overridable from `BLIP_*`
+environment variables; the command lines are a thin layer over them.
 
-The command line is a thin layer over it: every flag's default comes from here.
+Each field's help text lives beside it (`metadata={"help": ...}`); `parse_command_line` turns the fields into
+flags (`max_image_bytes` -> `--max-image-bytes`), their defaults coming from the environment, then the class.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
+PRECISIONS = ("fp32", "fp16")
+DEVICES = ("cpu", "cuda")
 
-# Field annotation (a string, under `from __future__ import annotations`) -> parser of its variable.
-FIELD_PARSERS = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+# Field annotation (a string, under `from __future__ import annotations`) -> parser of its text.
+FIELD_PARSERS = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "tuple[str, ...]": _list}
+
+
+def option(default=MISSING, help: str = "", *, factory=MISSING, **argparse_options):
+    """A config field with its help text (and extra argparse settings such as `choices`)."""
+    metadata = {"help": help, "argparse": argparse_options}
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 def _default_cache_dir() -> Path:
@@ -20,53 +36,90 @@ def _default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeConfig:
-    """What `blip-serve` serves and where.
+class GatewayOptions:
+    """What every gateway takes, in `blip-serve` and `blip-gateway` alike."""
 
-    model: HF checkpoint directory or exported model repository; unset: the demo checkpoint.
-    precision: precision to export a checkpoint at.
-    host, port: where the gateway (the typed gRPC API) listens.
-    api_keys: comma-separated keys the gateway requires as `authorization: Bearer <key>`; empty: none.
-    max_image_bytes: largest encoded image the gateway accepts.
-    max_concurrent_requests: images in flight at once before the gateway answers RESOURCE_EXHAUSTED.
-    stream_window: images of one CaptionStream in flight at once.
-    shutdown_grace: seconds in-flight calls may take to finish on shutdown.
-    triton_host: address Triton binds to (the gateway reaches it on loopback).
-    triton_grpc_port, triton_http_port, triton_metrics_port: Triton's ports.
-    cache_dir: where checkpoints exported on first use are kept (by content hash).
-    startup_timeout: seconds to wait for Triton to load the models.
-    triton_log: file Triton's log is appended to (default: its temporary work directory, removed on exit).
-    """
+    host: str = option("127.0.0.1", "address the gateway (the typed gRPC API) listens on")
+    port: int = option(50051, "port of the gateway's typed gRPC API")
+    metrics_port: int = option(0, "port of the Prometheus metrics endpoint, on the gateway's host; 0: none")
+    api_keys: str = option("", "comma-separated keys the gateway requires as `authorization: Bearer <key>`; "
+                               "empty: none")
+    max_image_bytes: int = option(20 * 1024 * 1024, "largest encoded image the gateway accepts")
+    max_concurrent_requests: int = option(256, "images in flight at once before the gateway answers "
+                                               "RESOURCE_EXHAUSTED")
+    stream_window: int = option(16, "images of one CaptionStream in flight at once")
+    shutdown_grace: float = option(10.0, "seconds in-flight calls may take to finish on shutdown")
+    health_interval: float = option(1.0, "seconds between readiness checks of each Triton replica")
+    health_timeout: float = option(2.0, "seconds a Triton replica may take to answer a readiness check before it "
+                                        "counts as down")
 
-    model: Path | None = None
-    precision: str = "fp32"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    api_keys: str = ""
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_concurrent_requests: int = 256
-    stream_window: int = 16
-    shutdown_grace: float = 10.0
-    triton_host: str = "127.0.0.1"
-    triton_grpc_port: int = 8001
-    triton_http_port: int = 8000
-    triton_metrics_port: int = 8002
-    cache_dir: Path = field(default_factory=_default_cache_dir)
-    startup_timeout: float = 300.0
-    triton_log: Path | None = None
 
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "ServeConfig":
-        """Defaults, overridden by BLIP_<FIELD> variables (e.g. BLIP_TRITON_GRPC_PORT=9001)."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = environ.get(f"BLIP_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            kind = FIELD_PARSERS[f.type]
-            try:
-                values[f.name] = kind(raw)
-            except ValueError:
-                raise ValueError(f"BLIP_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values)
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig(GatewayOptions):
+    """`blip-gateway`: the gateway alone, over Triton replicas that run elsewhere."""
+
+    triton: tuple[str, ...] = option((), "a Triton gRPC endpoint, HOST:PORT, or dns:///NAME:PORT for every "
+                                            "address NAME resolves to; repeat for more (env: comma-separated)",
+                                     action="append")
+    dns_refresh: float = option(5.0, "seconds between re-resolutions of dns:/// endpoints")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(GatewayOptions):
+    """`blip-serve`: one gateway and one supervised embedded Triton."""
+
+    model: Path | None = option(None, "HF checkpoint directory or exported model repository; unset: the demo "
+                                      "checkpoint")
+    precision: str = option("fp32", "precision to export a checkpoint at (fp16 needs --device cuda)",
+                            choices=PRECISIONS)
+    device: str = option("cpu", "where the encoder and decoder run: cpu, or cuda (an NVIDIA GPU, with "
+                                "onnxruntime-gpu and a CUDA build of torch installed)", choices=DEVICES)
+    triton_host: str = option("127.0.0.1", "address Triton binds to (the gateway reaches it on loopback)")
+    triton_grpc_port: int = option(8001, "Triton's gRPC port")
+    triton_http_port: int = option(8000, "Triton's HTTP port")
+    triton_metrics_port: int = option(8002, "Triton's metrics port")
+    cache_dir: Path = option(factory=_default_cache_dir, help="where checkpoints exported on first use are kept (by content "
+                                                 "hash)")
+    startup_timeout: float = option(300.0, "seconds to wait for Triton to load the models")
+    triton_log: Path | None = option(None, "file Triton's log is appended to (default: its temporary work "
+                                           "directory, removed on exit)")
+
+
+def from_env(cls, environ: dict[str, str] | None = None):
+    """Defaults of `cls`, overridden by BLIP_<FIELD> variables (e.g. BLIP_TRITON_GRPC_PORT=9001)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(cls):
+        raw = environ.get(f"BLIP_{f.name.upper()}")
+        if raw is None or raw == "":
+            continue
+        kind = FIELD_PARSERS[f.type]
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"BLIP_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    return cls(**values)
+
+
+def parse_command_line(cls, argv: list[str] | None, *, prog: str, description: str,
+                       environ: dict[str, str] | None = None):
+    """`cls` from flags, whose defaults come from BLIP_* variables, then from the class."""
+    defaults = from_env(cls, environ)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls):
+        value = getattr(defaults, f.name)
+        extra = dict(f.metadata.get("argparse", {}))
+        help_text = f.metadata.get("help", "").rstrip(".")
+        if extra.get("action") == "append":
+            # argparse appends to a default list: start from None and fall back to the environment's value.
+            shown = ",".join(value) or "none"
+            parser.add_argument("--" + f.name.replace("_", "-"), type=str, default=None,
+                                help=f"{help_text} (default: {shown}; env BLIP_{f.name.upper()})", **extra)
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), type=FIELD_PARSERS[f.type], default=value,
+                            help=f"{help_text} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
+    args = vars(parser.parse_args(argv))
+    for f in fields(cls):
+        if f.metadata.get("argparse", {}).get("action") == "append":
+            args[f.name] = tuple(args[f.name]) if args[f.name] is not None else getattr(defaults, f.name)
+    return replace(defaults, **args)

@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from blip_server import model_store
-from blip_server.config import ServeConfig
 from blip_server.errors import ModelNotFoundError
 from blip_server.model_store import resolve_repository
 
@@ -43,12 +42,3 @@ def test_paths_that_are_neither_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json.*checkpoint directory or an exported model repository"):
         resolve_repository(tmp_path / "empty", tmp_path)
-
-
-def test_configuration_comes_from_blip_environment_variables(tmp_path):
-    config = ServeConfig.from_env({"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path), "BLIP_API_KEYS": "a,b",
-                                   "BLIP_STARTUP_TIMEOUT": "12.5", "BLIP_HOST": "0.0.0.0"})
-    assert (config.triton_grpc_port, config.model, config.startup_timeout, config.host) == (9001, tmp_path, 12.5, "0.0.0.0")
-    assert ServeConfig.from_env({}).triton_http_port == 8000
-    with pytest.raises(ValueError, match="BLIP_TRITON_HTTP_PORT='x' is not a valid int"):
-        ServeConfig.from_env({"BLIP_TRITON_HTTP_PORT": "x"})
