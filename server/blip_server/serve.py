@@ -8,51 +8,23 @@ period) and then Triton.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 
-from blip_server.config import FIELD_PARSERS, ServeConfig
+from blip_server.config import ServeConfig, parse_command_line
 from blip_server.errors import BlipServerError, TritonStartError
-from blip_server.export import PRECISIONS, ExportOptions
-from blip_server.gateway.captioner import Captioner, GatewayLimits
-from blip_server.gateway.server import create_server
+from blip_server.export import ExportOptions
+from blip_server.gateway.captioner import Captioner
+from blip_server.gateway.command import start_gateway
 from blip_server.model_store import resolve_repository
 from blip_server.repository import read_manifest
-from blip_server.triton import EmbeddedTriton, TritonOptions
+from blip_server.triton import EmbeddedTriton, TritonOptions, connect_host
 
 log = logging.getLogger("blip-serve")
-
-
-def _field_help() -> dict[str, str]:
-    """Each field's help text, from the `name[, name...]: text` lines of ServeConfig's docstring."""
-    helps, current = {}, []
-    for line in (ServeConfig.__doc__ or "").splitlines():
-        names, sep, text = line.strip().partition(": ")
-        if sep and all(n.strip().isidentifier() for n in names.split(",")):
-            current = [n.strip() for n in names.split(",")]
-            helps.update({n: text for n in current})
-        elif line.strip() and current:
-            helps.update({n: f"{helps[n]} {line.strip()}" for n in current})
-        else:
-            current = []
-    return helps
-
-
-def parse_args(argv: list[str] | None, defaults: ServeConfig) -> ServeConfig:
-    parser = argparse.ArgumentParser(prog="blip-serve", description="Serve BLIP image captioning on Triton.")
-    helps = _field_help()
-    for f in fields(ServeConfig):
-        value = getattr(defaults, f.name)
-        extra = {"choices": PRECISIONS} if f.name == "precision" else {}
-        parser.add_argument("--" + f.name.replace("_", "-"), type=FIELD_PARSERS[f.type], default=value,
-                            help=f"{helps.get(f.name, '').rstrip('.')} (default: %(default)s; env BLIP_{f.name.upper()})", **extra)
-    return replace(defaults, **vars(parser.parse_args(argv)))
 
 
 async def _reach(captioner: Captioner, timeout: float) -> None:
@@ -107,16 +79,14 @@ class TritonSupervisor:
 
 async def serve(config: ServeConfig, repository: Path) -> int:
     manifest = read_manifest(repository)
-    limits = GatewayLimits(max_image_bytes=config.max_image_bytes, max_concurrent_requests=config.max_concurrent_requests,
-                           stream_window=config.stream_window)
-    captioner = Captioner(f"127.0.0.1:{config.triton_grpc_port}", limits, manifest)
-    keys = [k.strip() for k in config.api_keys.split(",") if k.strip()]
-    gateway = await create_server(f"{config.host}:{config.port}", captioner, keys)
-    health = asyncio.create_task(gateway.follow_triton())
+    gateway = await start_gateway(config, (f"{connect_host(config.triton_host)}:{config.triton_grpc_port}",))
+    captioner = gateway.captioner
+    health = asyncio.create_task(gateway.follow_triton(config.health_interval))
     supervisor = TritonSupervisor(TritonOptions(
         model_repository=repository, host=config.triton_host, grpc_port=config.triton_grpc_port,
         http_port=config.triton_http_port, metrics_port=config.triton_metrics_port,
         startup_timeout=config.startup_timeout, log_path=config.triton_log,
+        model_config_name="gpu" if config.device == "cuda" else "",
     ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -132,8 +102,9 @@ async def serve(config: ServeConfig, repository: Path) -> int:
         starting.result()
         await _reach(captioner, timeout=30.0)
         await gateway.set_serving(True)
+        metrics = f", metrics http://{config.host}:{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
         print(
-            f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService); "
+            f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService){metrics}; "
             f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, HTTP {config.triton_host}:{config.triton_http_port}, "
             f"metrics {config.triton_host}:{config.triton_metrics_port}; model from {manifest.get('source', repository)}",
             flush=True,
@@ -156,7 +127,10 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
-        config = parse_args(argv, ServeConfig.from_env())
+        config = parse_command_line(ServeConfig, argv, prog="blip-serve",
+                                    description="Serve BLIP image captioning on Triton.")
+        if config.precision == "fp16" and config.device != "cuda":
+            raise ValueError("--precision fp16 is for GPUs: give --device cuda too (on CPUs, serve fp32)")
     except ValueError as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
@@ -164,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision))
         return asyncio.run(serve(config, repository))
-    except BlipServerError as exc:
+    except (BlipServerError, OSError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,6 +50,28 @@ def servers(repositories, checkpoints):
         _RUNNING.remove(triton)
 
 
+@pytest.fixture
+def start_triton():
+    """start(repository, **TritonOptions) -> a ready EmbeddedTriton on free ports, stopped after the test."""
+    mine: list[EmbeddedTriton] = []
+
+    def start(repository, **options) -> EmbeddedTriton:
+        options = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port(),
+                   "startup_timeout": 180, **options}
+        triton = EmbeddedTriton(TritonOptions(model_repository=repository, **options))
+        _RUNNING.append(triton)
+        mine.append(triton)
+        triton.start()
+        triton.wait_ready()
+        return triton
+
+    yield start
+    for triton in mine:
+        triton.stop()
+        triton.cleanup()
+        _RUNNING.remove(triton)
+
+
 @pytest.fixture(scope="session")
 def service(repositories, checkpoints, tmp_path_factory):
     """blip-serve (gateway + Triton) serving the standard test checkpoint, as a user runs it."""
@@ -72,4 +94,5 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"tritonserver log (pid {triton.pid})", triton.log_tail(80)))
         for serve in _SERVING:
             report.sections.append((f"blip-serve log (pid {serve.process.pid})", serve.log()[-8000:]))
-            report.sections.append((f"its tritonserver log", serve.triton_log_tail()))
+            if serve.triton_log is not None:
+                report.sections.append(("its tritonserver log", serve.triton_log_tail()))

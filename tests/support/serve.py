@@ -8,28 +8,64 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from blip_server.ports import free_ports
 
 
-class ServeProcess:
-    COMMAND = str(Path(sys.executable).parent / "blip-serve")
+class _Process:
+    """A command of ours run as a user runs it, its stderr kept for test reports, ready when it says so."""
 
-    def __init__(self, *args: str, cache: Path):
-        self.ports = dict(zip(("gateway", "grpc", "http", "metrics"), free_ports(4)))
-        self.stderr = tempfile.NamedTemporaryFile(prefix="blip-serve-", suffix=".log", delete=False)
-        self.triton_log = Path(self.stderr.name).with_suffix(".triton.log")
-        self.process = subprocess.Popen(
-            [self.COMMAND, *args, "--cache-dir", str(cache), "--port", str(self.ports["gateway"]),
-             "--triton-grpc-port", str(self.ports["grpc"]), "--triton-http-port", str(self.ports["http"]),
-             "--triton-metrics-port", str(self.ports["metrics"]), "--triton-log", str(self.triton_log)],
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-        )
-        self.address = f"127.0.0.1:{self.ports['gateway']}"
+    triton_log: Path | None = None
+
+    def __init__(self, command: str, args: list[str]):
+        self.command = command
+        self.stderr = tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False)
+        self.process = subprocess.Popen([str(Path(sys.executable).parent / command), *args],
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True)
 
     def log(self) -> str:
         return Path(self.stderr.name).read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and "ready" not in line:
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                raise AssertionError(f"{self.command} exited {self.process.returncode}:\n{self.log()}")
+        assert "ready" in line, f"no ready line:\n{self.log()}"
+        return line
+
+    def stop(self, signum=signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        self.process.communicate(timeout=timeout)
+        return self.process.returncode, self.log()
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """The gateway's Prometheus samples: (name, sorted labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.ports['gateway_metrics']}/metrics", timeout=5).read()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+class ServeProcess(_Process):
+    COMMAND = str(Path(sys.executable).parent / "blip-serve")
+
+    def __init__(self, *args: str, cache: Path):
+        self.ports = dict(zip(("gateway", "grpc", "http", "metrics", "gateway_metrics"), free_ports(5)))
+        self.triton_log = Path(tempfile.mkstemp(prefix="blip-serve-", suffix=".triton.log")[1])
+        super().__init__("blip-serve", [
+            *args, "--cache-dir", str(cache), "--port", str(self.ports["gateway"]),
+            "--triton-grpc-port", str(self.ports["grpc"]), "--triton-http-port", str(self.ports["http"]),
+            "--triton-metrics-port", str(self.ports["metrics"]), "--triton-log", str(self.triton_log),
+            "--metrics-port", str(self.ports["gateway_metrics"]),
+        ])
+        self.address = f"127.0.0.1:{self.ports['gateway']}"
 
     def triton_log_text(self) -> str:
         return self.triton_log.read_text(errors="replace") if self.triton_log.exists() else ""
@@ -40,24 +76,18 @@ class ServeProcess:
         except OSError:
             return "(no Triton log)"
 
-    def wait_ready(self, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        line = ""
-        while time.monotonic() < deadline and "ready" not in line:
-            line = self.process.stdout.readline()
-            if not line and self.process.poll() is not None:
-                raise AssertionError(f"blip-serve exited {self.process.returncode}:\n{self.log()}")
-        assert "ready" in line, f"no ready line:\n{self.log()}"
-        return line
-
     def children(self) -> list[int]:
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == self.process.pid]
 
-    def stop(self, signum=signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        self.process.communicate(timeout=timeout)
-        return self.process.returncode, self.log()
+
+class GatewayProcess(_Process):
+    """`blip-gateway` over the given Triton endpoints, on free loopback ports, metrics served."""
+
+    def __init__(self, *args: str):
+        self.ports = dict(zip(("gateway", "gateway_metrics"), free_ports(2)))
+        super().__init__("blip-gateway", [*args, "--port", str(self.ports["gateway"]),
+                                          "--metrics-port", str(self.ports["gateway_metrics"])])
+        self.address = f"127.0.0.1:{self.ports['gateway']}"
 
 
 def _ppid(pid: int) -> int | None:

@@ -18,6 +18,7 @@ from blip_server.ensemble import CaptionText
 from blip_server.gateway import errors
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import CaptionJob, ModelDescription
+from blip_server.gateway.replicas import Replica, ReplicaPool
 from support.gateway import BackgroundGateway
 
 FAILURES = {
@@ -33,7 +34,7 @@ class FakeCaptioner(Captioner):
     """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
 
     def __init__(self, limits=GatewayLimits()):
-        super().__init__("127.0.0.1:1", limits)
+        super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
         self.seen = []
         self.release = asyncio.Event()
 
@@ -199,10 +200,79 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
             await asyncio.sleep(0.05)
             raise InferenceServerException("the request was cancelled or its deadline passed", "StatusCode.CANCELLED")
 
-    captioner = Captioner("127.0.0.1:1", GatewayLimits())
-    captioner._triton = CancellingTriton()
+    pool = ReplicaPool(("127.0.0.1:1",))
+    pool.replicas["127.0.0.1:1"] = Replica("127.0.0.1:1", CancellingTriton(), up=True)
+    captioner = Captioner(pool, GatewayLimits())
     job = CaptionJob(b"image", "", {}, "")
     with pytest.raises(errors.DeadlineExceeded):
         asyncio.run(captioner._infer(job, timeout=0.01))
     with pytest.raises(errors.Cancelled):
         asyncio.run(captioner._infer(job, timeout=10))
+
+
+def _sample(gateway, name, **labels):
+    return gateway.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_calls_by_method_and_code_and_are_served_over_http(served):
+    import urllib.request
+
+    gateway, captioner = served
+    with CaptionClient(gateway.address) as client:
+        client.caption(b"image", prompt="ok")
+        for prompt, error in [("fail:invalid", client_errors.InvalidArgumentError),
+                              ("fail:unavailable", client_errors.UnavailableError),
+                              ("crash", client_errors.InternalError)]:
+            with pytest.raises(error):
+                client.caption(b"image", prompt=prompt)
+        dict(client.caption_stream([b"image", b"image", b""], prompt="s"))
+        client.model_info()
+        with grpc.insecure_channel(gateway.address) as channel:  # health checks are not counted
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    total = "blip_gateway_requests_total"
+    assert _sample(gateway, total, method="Caption", code="OK") == 1
+    for code in ("INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL"):
+        assert _sample(gateway, total, method="Caption", code=code) == 1
+    assert _sample(gateway, total, method="CaptionStream", code="OK") == 1
+    assert _sample(gateway, total, method="CaptionStream.item", code="OK") == 2
+    assert _sample(gateway, total, method="CaptionStream.item", code="INVALID_ARGUMENT") == 1
+    assert _sample(gateway, total, method="GetModelInfo", code="OK") == 1
+    assert _sample(gateway, "blip_gateway_request_duration_seconds_count", method="Caption") == 4
+    assert _sample(gateway, "blip_gateway_in_flight_requests") == 0
+    assert not [m for m in gateway.gateway.metrics.registry.collect() for s in m.samples
+                if s.labels.get("method", "").startswith("Check")]
+
+    port = gateway.gateway.metrics.serve("127.0.0.1", 0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'blip_gateway_requests_total{code="OK",method="Caption"} 1.0' in text
+    assert "blip_gateway_request_duration_seconds_bucket" in text
+
+
+def test_metrics_show_calls_in_flight_and_refusals(served):
+    gateway, captioner = served
+    done = threading.Event()
+
+    def slow():
+        with CaptionClient(gateway.address) as client:
+            client.caption(b"image", prompt="slow")
+        done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    for _ in range(100):
+        if captioner.seen:
+            break
+        threading.Event().wait(0.05)
+    assert _sample(gateway, "blip_gateway_in_flight_requests") == 1
+    gateway.call(_release(captioner))
+    assert done.wait(10)
+    thread.join(10)
+    assert _sample(gateway, "blip_gateway_in_flight_requests") == 0
+
+    keyed = BackgroundGateway(FakeCaptioner(), api_keys=["k"])
+    try:
+        with CaptionClient(keyed.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
+            anonymous.caption(b"image")
+        assert _sample(keyed, "blip_gateway_requests_total", method="Caption", code="UNAUTHENTICATED") == 1
+    finally:
+        keyed.stop()

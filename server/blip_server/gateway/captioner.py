@@ -2,7 +2,8 @@
 
 Option ranges are checked in one place, the ensemble's `preprocess` model, which answers INVALID_ARGUMENT
 naming the option and its range; the gateway checks what only it can: the request's size, its own capacity.
-The caller's deadline becomes the Triton call's timeout, and a cancelled call cancels the Triton request.
+The caller's deadline becomes the Triton call's timeout, and a cancelled call cancels the Triton request. Calls
+go through the ReplicaPool (one replica in blip-serve, any number behind blip-gateway).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from blip_server.gateway.errors import (
     from_triton,
 )
 from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
+from blip_server.gateway.replicas import NoReplica, ReplicaPool
 
 log = logging.getLogger("blip-serve.gateway")
 
@@ -45,18 +47,6 @@ class GatewayLimits:
     stream_window: int = 16
 
 
-# The gateway's channel to Triton, on loopback. gRPC backs off exponentially (up to 2 minutes) after failed
-# connection attempts, and a call made meanwhile fails at once: while Triton starts or restarts, retry within a
-# second instead, so the gateway serves as soon as Triton does.
-TRITON_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
 def _parse_default(name: str, raw: str) -> bool | int | float:
     """A `default_<option>` parameter of the preprocess config, as the type of the option's tensor."""
     dtype = ensemble.OPTION_TENSORS[name][2]
@@ -64,30 +54,24 @@ def _parse_default(name: str, raw: str) -> bool | int | float:
 
 
 class Captioner:
-    def __init__(self, triton_url: str, limits: GatewayLimits, manifest: dict | None = None):
-        self._triton_url = triton_url
-        self._triton: triton_aio.InferenceServerClient | None = None
+    def __init__(self, replicas: ReplicaPool, limits: GatewayLimits):
+        self.replicas = replicas
         self.limits = limits
-        self._manifest = manifest or {}
-        self._in_flight = 0
+        self.in_flight = 0
         self._description: ModelDescription | None = None
 
-    @property
-    def _client(self) -> triton_aio.InferenceServerClient:
-        """The channel to Triton, opened on first use: in the event loop that serves the gateway."""
-        if self._triton is None:
-            self._triton = triton_aio.InferenceServerClient(self._triton_url, channel_args=TRITON_CHANNEL_ARGS)
-        return self._triton
-
     async def close(self) -> None:
-        if self._triton is not None:
-            await self._triton.close()
+        await self.replicas.close()
 
     async def ready(self) -> bool:
+        """Whether any Triton replica is ready (checks them all once)."""
+        return await self.replicas.refresh()
+
+    async def _call(self, request):
         try:
-            return bool(await self._client.is_model_ready(ensemble.MODEL))
-        except InferenceServerException:
-            return False
+            return await self.replicas.call(request)
+        except NoReplica as exc:
+            raise Unavailable(f"the inference server is unavailable ({exc})") from None
 
     def check(self, job: CaptionJob) -> None:
         if not job.image:
@@ -99,17 +83,17 @@ class Captioner:
 
     async def caption(self, job: CaptionJob, timeout: float | None) -> CaptionResult:
         self.check(job)
-        if self._in_flight >= self.limits.max_concurrent_requests:
+        if self.in_flight >= self.limits.max_concurrent_requests:
             raise ResourceExhausted(
                 f"the server is at capacity ({self.limits.max_concurrent_requests} images in flight); retry later"
             )
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
-        self._in_flight += 1
+        self.in_flight += 1
         try:
             captions = await self._infer(job, timeout)
         finally:
-            self._in_flight -= 1
+            self.in_flight -= 1
         return CaptionResult(captions, job.request_id, ensemble.MODEL)
 
     async def _infer(self, job: CaptionJob, timeout: float | None) -> list[ensemble.CaptionText]:
@@ -117,14 +101,15 @@ class Captioner:
         # checks while it decodes (Triton cancels an ensemble only between its steps).
         deadline = time.time() + timeout if timeout is not None else None
         parameters = {"deadline_unix_ms": int(deadline * 1000)} if deadline is not None else None
+        inputs = ensemble.inputs(triton_aio, job.image, job.prompt or None, **job.options)
+
+        async def infer(client):  # on a retry, only the time left remains
+            left = None if deadline is None else max(0.001, deadline - time.time())
+            return await client.infer(ensemble.MODEL, inputs, outputs=ensemble.outputs(triton_aio),
+                                      client_timeout=left, parameters=parameters)
+
         try:
-            result = await self._client.infer(
-                ensemble.MODEL,
-                ensemble.inputs(triton_aio, job.image, job.prompt or None, **job.options),
-                outputs=ensemble.outputs(triton_aio),
-                client_timeout=timeout,
-                parameters=parameters,
-            )
+            result = await self._call(infer)
         except InferenceServerException as exc:
             error = from_triton(exc)
             if isinstance(error, Cancelled) and deadline is not None and time.time() >= deadline:
@@ -134,22 +119,22 @@ class Captioner:
         return ensemble.captions(result)[0]
 
     async def describe(self) -> ModelDescription:
-        """What is served; read from Triton (the preprocess model's defaults and limits) and the export manifest."""
+        """What is served, read from a replica: the preprocess model's parameters (defaults, limits, and what the
+        export recorded there: source checkpoint, precision, image size)."""
         if self._description is None:
             try:
-                config = await self._client.get_model_config("preprocess", as_json=True)
+                config = await self._call(lambda client: client.get_model_config("preprocess", as_json=True))
             except InferenceServerException as exc:
                 raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
             params = {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
             defaults = {name: _parse_default(name, params[f"default_{name}"])
                         for name in OPTION_FIELDS if params.get(f"default_{name}")}
-            size = self._manifest.get("image_size") or [0, 0]
             self._description = ModelDescription(
                 model=ensemble.MODEL,
-                source_checkpoint=self._manifest.get("source", ""),
-                image_height=size[0],
-                image_width=size[1],
-                precision=self._manifest.get("precision", ""),
+                source_checkpoint=params.get("source_checkpoint", ""),
+                image_height=int(params.get("image_height") or 0),
+                image_width=int(params.get("image_width") or 0),
+                precision=params.get("precision", ""),
                 defaults=defaults,
                 limits={
                     "max_image_bytes": self.limits.max_image_bytes,

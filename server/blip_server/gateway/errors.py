@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -56,6 +58,7 @@ class Unauthenticated(ServiceError):
 
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+SERVICE = caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
 
 # Triton's status (as tritonclient reports it) -> what the caller gets.
 _FROM_TRITON = {
@@ -87,45 +90,76 @@ def unexpected(exc: BaseException) -> ServiceError:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError into its status and anything else into INTERNAL, for unary and streaming RPCs."""
+    """Turns ServiceError into its status and anything else into INTERNAL, for unary and streaming RPCs, and
+    reports each finished call's method, status code and duration to `observe` (the metrics)."""
+
+    def __init__(self, observe: Callable[[str, str, float], None] = lambda method, code, seconds: None):
+        self._observe = observe
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        service, _, method = handler_call_details.method.rpartition("/")
+        observe = self._observe if service.endswith(SERVICE) else (lambda *args: None)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_unary(handler.unary_unary))
+            return handler._replace(unary_unary=_unary(handler.unary_unary, method, observe))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_stream(handler.stream_stream))
+            return handler._replace(stream_stream=_stream(handler.stream_stream, method, observe))
         return handler
 
 
-def _unary(behavior):
+def _interrupted(exc: BaseException, context) -> str:
+    """The status of a call that ended without our answer: cancelled, past its deadline, or already aborted."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
+
+
+# Each wrapper reports the call's outcome before the status goes out, so that whoever sees the answer also sees it
+# counted.
+
+def _unary(behavior, method: str, observe):
     async def wrapped(request, context):
+        started = time.perf_counter()
         try:
-            return await behavior(request, context)
+            response = await behavior(request, context)
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            error = exc
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            observe(method, _interrupted(exc, context), time.perf_counter() - started)
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
             error = unexpected(exc)
-            await context.abort(error.code, error.message)
+        else:
+            observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
+            return response
+        observe(method, error.code.name, time.perf_counter() - started)
+        await context.abort(error.code, error.message)
 
     return wrapped
 
 
-def _stream(behavior):
+def _stream(behavior, method: str, observe):
     async def wrapped(request_iterator, context):
+        started = time.perf_counter()
         try:
             async for response in behavior(request_iterator, context):
                 yield response
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            error = exc
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            observe(method, _interrupted(exc, context), time.perf_counter() - started)
             raise
         except Exception as exc:  # noqa: BLE001
             error = unexpected(exc)
-            await context.abort(error.code, error.message)
+        else:
+            observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
+            return
+        observe(method, error.code.name, time.perf_counter() - started)
+        await context.abort(error.code, error.message)
 
     return wrapped

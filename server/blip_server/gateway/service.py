@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 from blip_server.gateway.captioner import Captioner
@@ -11,8 +13,9 @@ from blip_server.gateway.messages import CaptionJob
 
 
 class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
-    def __init__(self, captioner: Captioner):
+    def __init__(self, captioner: Captioner, observe_item: Callable[[str, float], None] = lambda code, seconds: None):
         self.captioner = captioner
+        self._observe_item = observe_item  # each CaptionStream item's status code and duration (the metrics)
 
     async def Caption(self, request, context):
         job = CaptionJob.from_pb(request)
@@ -29,14 +32,18 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def answer(request) -> None:
+            started, code = time.perf_counter(), "OK"
             try:
                 result = await self.captioner.caption(CaptionJob.from_pb(request), context.time_remaining())
                 response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, response=result.to_pb())
             except ServiceError as exc:
+                code = exc.code.name
                 response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, error=exc.to_pb())
             except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
                 error = unexpected(exc)
+                code = error.code.name
                 response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, error=error.to_pb())
+            self._observe_item(code, time.perf_counter() - started)
             await answers.put(response)
 
         async def read() -> None:

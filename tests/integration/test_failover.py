@@ -1,0 +1,124 @@
+"""One blip-gateway over two real Triton replicas: a replica killed under load loses no call, and gets traffic
+again once it is back (its own statistics show it serving); the gateway's metrics say which replicas are up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from blip_client import CaptionClient, GenerationOptions
+from support import images, reference
+from support.serve import GatewayProcess
+
+KINDS = images.kinds(seed=61)
+USED = ["jpeg", "png", "webp", "bmp"]
+OPTIONS = GenerationOptions(num_beams=2)
+
+
+def _replica_up(gateway: GatewayProcess, endpoint: str) -> float | None:
+    return gateway.metrics().get(("blip_gateway_triton_replica_up", (("endpoint", endpoint),)))
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def _served(triton) -> int:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.options.grpc_port}")
+    stats = client.get_inference_statistics("blip_caption", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0))
+
+
+class Load:
+    """`clients` threads captioning in a loop until stopped; every outcome is kept."""
+
+    def __init__(self, address: str, clients: int = 4):
+        self.outcomes: list[tuple[str, object]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(address, i)) for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, address: str, offset: int) -> None:
+        with CaptionClient(address, timeout=60) as client:
+            i = offset
+            while not self._stop.is_set():
+                kind = USED[i % len(USED)]
+                try:
+                    self.outcomes.append((kind, client.caption(KINDS[kind], options=OPTIONS).text))
+                except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                    self.outcomes.append((kind, exc))
+                i += 1
+
+    def count(self) -> int:
+        return len(self.outcomes)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def test_a_replica_killed_under_load_loses_no_call_and_serves_again_once_back(repositories, checkpoints, start_triton):
+    repository = repositories["standard"]
+    first, second = start_triton(repository), start_triton(repository)
+    endpoints = [f"127.0.0.1:{t.options.grpc_port}" for t in (first, second)]
+    expected = {kind: reference.caption(str(checkpoints["standard"]), KINDS[kind], num_beams=2)[0][0] for kind in USED}
+    gateway = GatewayProcess("--triton", endpoints[0], "--triton", endpoints[1], "--health-interval", "0.5",
+                             "--health-timeout", "1")
+    load = None
+    try:
+        gateway.wait_ready(timeout=60)
+        _wait_for(lambda: all(_replica_up(gateway, e) == 1 for e in endpoints), 30, "both replicas are up")
+        load = Load(gateway.address)
+        _wait_for(lambda: load.count() >= 20 and min(_served(first), _served(second)) > 0, 60,
+                  "both replicas served calls")
+
+        os.killpg(first.pid, signal.SIGKILL)  # tritonserver and its Python-backend stubs, mid-load
+        killed_at = load.count()
+        _wait_for(lambda: _replica_up(gateway, endpoints[0]) == 0, 10, "the gateway took the dead replica out")
+        _wait_for(lambda: load.count() >= killed_at + 20, 60, "calls went on")
+
+        first.stop()
+        first.cleanup()
+        restarted = start_triton(repository, grpc_port=first.options.grpc_port, http_port=first.options.http_port,
+                                 metrics_port=first.options.metrics_port)
+        _wait_for(lambda: _replica_up(gateway, endpoints[0]) == 1, 30, "the gateway took the replica back")
+        _wait_for(lambda: _served(restarted) >= 10, 60, "the restarted replica served calls")
+    finally:
+        if load is not None:
+            load.stop()
+        code, log = gateway.stop()
+    failures = [(kind, outcome) for kind, outcome in load.outcomes if isinstance(outcome, Exception)]
+    assert not failures, failures[:5]
+    wrong = [(kind, text) for kind, text in load.outcomes if text != expected[kind]]
+    assert not wrong, wrong[:5]
+    assert code == 0, log
+    assert f"Triton replica {endpoints[0]} is down" in log and f"Triton replica {endpoints[0]} is up" in log
+
+
+def test_blip_serve_reports_metrics_of_calls_and_its_replica(service):
+    with CaptionClient(service.address) as client:
+        before = service.metrics()
+        client.caption(KINDS["jpeg"])
+        with pytest.raises(Exception):
+            client.caption(b"not an image")
+        after = service.metrics()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("blip_gateway_requests_total", method="Caption", code="OK") == 1
+    assert delta("blip_gateway_requests_total", method="Caption", code="INVALID_ARGUMENT") == 1
+    assert delta("blip_gateway_request_duration_seconds_count", method="Caption") == 2
+    assert after[("blip_gateway_triton_replica_up", (("endpoint", f"127.0.0.1:{service.ports['grpc']}"),))] == 1
+    assert after[("blip_gateway_in_flight_requests", ())] == 0

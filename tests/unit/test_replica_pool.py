@@ -1,0 +1,185 @@
+"""The gateway's replica pool with scripted Triton clients: endpoints, balancing, one retry on UNAVAILABLE,
+health, DNS. (Real replicas being killed and restarted: tests/integration/test_failover.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from blip_server.gateway.replicas import NoReplica, Replica, ReplicaPool, parse_endpoint
+
+
+class ScriptedTriton:
+    """Answers is_model_ready with `ready`; infer with the next scripted outcome (an exception or a value)."""
+
+    def __init__(self, name: str, outcomes=(), ready: bool = True):
+        self.name = name
+        self.outcomes = list(outcomes)
+        self.ready = ready
+        self.calls = 0
+        self.closed = False
+
+    async def is_model_ready(self, model):
+        if isinstance(self.ready, BaseException):
+            raise self.ready
+        if self.ready == "hang":
+            await asyncio.sleep(60)
+        return self.ready
+
+    async def infer(self):
+        self.calls += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else self.name
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def close(self):
+        self.closed = True
+
+
+def unavailable():
+    return InferenceServerException("Socket closed", "StatusCode.UNAVAILABLE")
+
+
+def pool_of(*clients: ScriptedTriton, **kwargs) -> ReplicaPool:
+    pool = ReplicaPool(tuple(f"{c.name}:8001" for c in clients), **kwargs)
+    for client in clients:
+        pool.replicas[f"{client.name}:8001"] = Replica(f"{client.name}:8001", client, up=True)
+    pool._resolved_at = float("inf")  # membership is scripted: no resolution
+    return pool
+
+
+def call(pool):
+    return asyncio.run(pool.call(lambda client: client.infer()))
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("triton:8001", ("triton", 8001, False)),
+    ("10.0.0.7:9001", ("10.0.0.7", 9001, False)),
+    ("[::1]:8001", ("::1", 8001, False)),
+    ("dns:///blip-triton.default.svc:8001", ("blip-triton.default.svc", 8001, True)),
+])
+def test_endpoints_are_host_port_or_dns_names(target, expected):
+    assert parse_endpoint(target) == expected
+
+
+@pytest.mark.parametrize("target", ["triton", "triton:", ":8001", "triton:http", "triton:0", "triton:70000", "dns:///x"])
+def test_malformed_endpoints_are_refused(target):
+    with pytest.raises(ValueError, match="is not HOST:PORT or dns:///NAME:PORT"):
+        parse_endpoint(target)
+
+
+def test_calls_are_spread_over_replicas_that_are_up():
+    a, b, c = ScriptedTriton("a"), ScriptedTriton("b"), ScriptedTriton("c")
+    pool = pool_of(a, b, c)
+    pool.replicas["c:8001"].up = False
+    answers = [call(pool) for _ in range(6)]
+    assert sorted(answers) == ["a", "a", "a", "b", "b", "b"]
+    assert c.calls == 0
+
+
+def test_the_replica_with_fewest_calls_in_flight_takes_the_next():
+    a, b = ScriptedTriton("a"), ScriptedTriton("b")
+    pool = pool_of(a, b)
+    pool.replicas["a:8001"].in_flight = 3
+    assert [call(pool) for _ in range(3)] == ["b", "b", "b"]
+
+
+def test_unavailable_is_retried_once_on_another_replica_which_takes_the_first_out():
+    a, b = ScriptedTriton("a", [unavailable()]), ScriptedTriton("b")
+    pool = pool_of(a, b)
+    pool._turn = iter([0, 0, 0, 0])  # a first
+    assert call(pool) == "b"  # a failed, b answered
+    assert (a.calls, b.calls) == (1, 1)
+    assert not pool.replicas["a:8001"].up and pool.replicas["b:8001"].up
+
+
+def test_a_call_is_tried_at_most_twice():
+    a, b = ScriptedTriton("a", [unavailable()]), ScriptedTriton("b", [unavailable()])
+    pool = pool_of(a, b)
+    with pytest.raises(InferenceServerException, match="Socket closed"):
+        call(pool)
+    assert (a.calls, b.calls) == (1, 1)
+
+
+def test_other_failures_are_not_retried():
+    invalid = InferenceServerException("num_beams=0 is out of range", "StatusCode.INVALID_ARGUMENT")
+    a, b = ScriptedTriton("a", [invalid]), ScriptedTriton("b", [invalid])
+    pool = pool_of(a, b)
+    with pytest.raises(InferenceServerException, match="out of range"):
+        call(pool)
+    assert a.calls + b.calls == 1
+    assert all(r.up for r in pool.replicas.values())
+
+
+def test_a_lone_replica_that_fails_is_not_retried_and_none_up_is_no_replica():
+    a = ScriptedTriton("a", [unavailable()])
+    pool = pool_of(a)
+    with pytest.raises(InferenceServerException):
+        call(pool)
+    with pytest.raises(NoReplica):
+        call(pool)
+
+
+def test_health_checks_take_replicas_out_and_bring_them_back_and_report_changes():
+    seen = []
+    a = ScriptedTriton("a", ready=True)
+    b = ScriptedTriton("b", ready=InferenceServerException("connection refused", "StatusCode.UNAVAILABLE"))
+    c = ScriptedTriton("c", ready="hang")  # a hung Triton: the check times out
+    pool = pool_of(a, b, c, health_timeout=0.2, on_replica_up=lambda endpoint, up: seen.append((endpoint, up)))
+    assert asyncio.run(pool.refresh()) is True
+    assert {e: r.up for e, r in pool.replicas.items()} == {"a:8001": True, "b:8001": False, "c:8001": False}
+    a.ready, b.ready = False, True
+    asyncio.run(pool.refresh())
+    assert {e: r.up for e, r in pool.replicas.items()} == {"a:8001": False, "b:8001": True, "c:8001": False}
+    assert ("b:8001", True) in seen and ("c:8001", False) in seen
+
+
+def test_dns_names_resolve_to_every_address_and_replicas_follow_the_name(monkeypatch):
+    addresses = [["10.0.0.1", "10.0.0.2"]]
+    gone = []
+
+    async def getaddrinfo(host, port, type=0):
+        assert (host, port) == ("blip-triton", 8001)
+        return [(2, 1, 6, "", (a, port)) for a in addresses[0]]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        pool = ReplicaPool(("dns:///blip-triton:8001", "10.0.0.9:8001"), dns_refresh=0,
+                           on_replica_gone=gone.append)
+        await pool._update_members()
+        first = sorted(pool.replicas)
+        addresses[0] = ["10.0.0.2", "10.0.0.3"]
+        await pool._update_members()
+        second = sorted(pool.replicas)
+        await pool.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first == ["10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.9:8001"]
+    assert second == ["10.0.0.2:8001", "10.0.0.3:8001", "10.0.0.9:8001"]
+    assert gone == ["10.0.0.1:8001"]
+
+
+def test_a_name_that_fails_to_resolve_keeps_its_replicas(monkeypatch):
+    answers = [["10.0.0.1"]]
+
+    async def getaddrinfo(host, port, type=0):
+        if answers[0] is None:
+            raise OSError("Temporary failure in name resolution")
+        return [(2, 1, 6, "", (a, port)) for a in answers[0]]
+
+    async def scenario():
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+        pool = ReplicaPool(("dns:///blip-triton:8001",), dns_refresh=0)
+        await pool._update_members()
+        answers[0] = None
+        await pool._update_members()
+        kept = sorted(pool.replicas)
+        await pool.close()
+        return kept
+
+    assert asyncio.run(scenario()) == ["10.0.0.1:8001"]
