@@ -8,7 +8,14 @@ provides:
 - `preprocess/1/image_processor.json`, `preprocess.json` and both models' `tokenizer.json`: preprocessing,
   special token ids and the tokenizer, all read from the checkpoint;
 - `preprocess/1/generation_options.py`: a copy of the decoder's, so both models handle options alike;
+- `configs/gpu.pbtxt` beside the encoder's and decoder's `config.pbtxt`: the same models on GPUs, picked with
+  Triton's `--model-config-name=gpu` (`blip-serve --device cuda` does);
 - `blip_export.json`: what was exported, from where, and how.
+
+`--target triton-container` serves the encoder with the native `onnxruntime` backend of NVIDIA's
+`nvcr.io/nvidia/tritonserver:24.10-py3` image instead (TensorRT in its GPU config); `--precision fp16` exports an
+fp16 encoder (inputs and outputs stay fp32), checked against PyTorch's fp32 encoder by cosine similarity, and
+has the GPU decoder run in fp16.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blip_server.checkpoint import check_layout, content_digest, decoder_config, image_settings
+from blip_server.config import PRECISIONS
 from blip_server.errors import ExportError
-from blip_server.repository import MANIFEST, template_directory, write_container_encoder_config
+from blip_server.model_configs import EncoderShape, add_parameters, write_container_encoder_configs, write_python_gpu_configs
+from blip_server.repository import MANIFEST, template_directory
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32",)
 TARGETS = ("embedded", "triton-container")
+# Smallest cosine similarity between an fp16 encoder's output vectors and PyTorch's fp32 ones.
+FP16_MIN_COSINE = 0.999
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +51,7 @@ class ExportOptions:
     target: `embedded` (the pip-installed tritonserver: Python backend only) or `triton-container`
         (NVIDIA's image: the encoder runs on the native onnxruntime backend).
     opset: ONNX opset of the encoder graph.
-    tolerance: largest |onnx - torch| accepted when verifying the encoder, relative to max |torch|.
+    tolerance: largest |onnx - torch| accepted when verifying an fp32 encoder, relative to max |torch|.
     """
 
     precision: str = "fp32"
@@ -110,10 +120,14 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     # One source for option handling: preprocess resolves the options, text_decoder validates them again.
     shutil.copy2(decoder / "generation_options.py", preprocess / "generation_options.py")
 
+    add_parameters(output / "preprocess" / "config.pbtxt", "What is served (blip-export); GetModelInfo reports it.",
+                   source_checkpoint=checkpoint, precision=options.precision,
+                   image_height=images["height"], image_width=images["width"])
     if options.target == "triton-container":
         tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
-        write_container_encoder_config(output / "vision_encoder", images["height"], images["width"], tokens,
-                                       vision_config.hidden_size)
+        write_container_encoder_configs(output / "vision_encoder",
+                                        EncoderShape(images["height"], images["width"], tokens, vision_config.hidden_size))
+    write_python_gpu_configs(output, decoder_dtype="float16" if options.precision == "fp16" else "float32")
 
     manifest = {
         "format": 1,
@@ -172,12 +186,38 @@ def _export_vision_encoder(vision_model, path: Path, height: int, width: int, op
             opset_version=options.opset,
             dynamo=False,
         )
+    if options.precision == "fp16":
+        _to_fp16(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = session.run(None, {"PIXEL_VALUES": example.numpy()})[0]
+    if options.precision == "fp16":
+        cosine = float(encoder_cosine(actual, expected))
+        if not cosine >= FP16_MIN_COSINE:
+            raise ExportError(f"the fp16 vision encoder's outputs have a cosine similarity of {cosine:.5f} to "
+                              f"PyTorch's fp32 ones (at least {FP16_MIN_COSINE} needed)")
+        log.info("fp16 ONNX vision encoder verified: smallest cosine similarity to fp32 %.6f", cosine)
+        return
     error = float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))
     if not np.isfinite(error) or error > options.tolerance:
         raise ExportError(f"the ONNX vision encoder differs from PyTorch by {error:.2e} (tolerance {options.tolerance})")
     log.info("ONNX vision encoder verified: relative max difference %.2e", error)
+
+
+def encoder_cosine(actual, expected) -> float:
+    """The smallest cosine similarity between corresponding output vectors ([..., hidden])."""
+    import numpy as np
+
+    a, b = actual.astype(np.float64), expected.astype(np.float64)
+    cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+    return float(cosines.min())
+
+
+def _to_fp16(path: Path) -> None:
+    """Weights and arithmetic in fp16; the graph's inputs and outputs stay fp32 (the other models' tensors)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

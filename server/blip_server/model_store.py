@@ -14,6 +14,7 @@ from pathlib import Path
 
 from blip_server import checkpoint as checkpoint_module
 from blip_server import export as export_module
+from blip_server import model_configs as model_configs_module
 from blip_server.checkpoint import check_layout, content_digest
 from blip_server.errors import ExportError, ModelNotFoundError
 from blip_server.export import ExportOptions, export_checkpoint
@@ -31,7 +32,7 @@ def export_fingerprint(options: ExportOptions) -> str:
     digest = hashlib.sha256(repr(sorted(vars(options).items())).encode())
     template = template_directory()
     sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    sources += [Path(checkpoint_module.__file__), Path(export_module.__file__)]
+    sources += [Path(m.__file__) for m in (checkpoint_module, export_module, model_configs_module)]
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

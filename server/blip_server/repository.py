@@ -39,19 +39,3 @@ def parse_config(path: Path):
     from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def write_container_encoder_config(model_dir: Path, height: int, width: int, tokens: int, hidden: int) -> None:
-    """Serve `model.onnx` with Triton's native onnxruntime backend (NVIDIA's container), exact dims."""
-    config = parse_config(model_dir / "config.pbtxt")
-    config.backend = "onnxruntime"
-    config.ClearField("parameters")
-    del config.input[0].dims[:]
-    config.input[0].dims.extend([3, height, width])
-    del config.output[0].dims[:]
-    config.output[0].dims.extend([tokens, hidden])
-    (model_dir / "config.pbtxt").write_text(
-        "# The checkpoint's BlipVisionModel (1/model.onnx) on Triton's onnxruntime backend.\n"
-        + text_format.MessageToString(config)
-    )
-    (model_dir / "1" / "model.py").unlink()

@@ -6,9 +6,11 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
+from tritonclient.grpc import model_config_pb2 as mc
 
 from blip_server import export as export_module
 from blip_server.errors import ExportError
@@ -62,11 +64,76 @@ def test_triton_container_target_serves_the_encoder_on_onnxruntime(checkpoints, 
     export_checkpoint(checkpoints["unusual"], tmp_path / "repo", ExportOptions(target="triton-container"))
     encoder = tmp_path / "repo" / "vision_encoder"
     config = parse_config(encoder / "config.pbtxt")
-    assert config.backend == "onnxruntime"
+    assert (config.backend, config.platform) == ("onnxruntime", "")
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
     assert list(config.input[0].dims) == [3, 224, 224]
     assert list(config.output[0].dims) == [(224 // 16) ** 2 + 1, 48]
+    assert config.HasField("dynamic_batching")
     assert sorted(p.name for p in (encoder / "1").iterdir()) == ["model.onnx"]
     assert parse_config(tmp_path / "repo" / "text_decoder" / "config.pbtxt").backend == "python"
+    assert parse_config(tmp_path / "repo" / "preprocess" / "config.pbtxt").backend == "python"
+
+
+def test_the_containers_gpu_encoder_uses_tensorrt_fp16_with_caches_a_profile_and_warm_up(checkpoints, tmp_path):
+    export_checkpoint(checkpoints["unusual"], tmp_path / "repo", ExportOptions(target="triton-container"))
+    config = parse_config(tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
+    assert config.backend == "onnxruntime"
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    params = dict(accelerator.parameters)
+    assert accelerator.name == "tensorrt" and params["precision_mode"] == "FP16"
+    assert params["trt_engine_cache_enable"] == "1" and params["trt_timing_cache_enable"] == "1"
+    assert params["trt_engine_cache_path"] == params["trt_timing_cache_path"] == "/cache/tensorrt"
+    batch = config.max_batch_size
+    assert params["trt_profile_min_shapes"] == "PIXEL_VALUES:1x3x224x224"
+    assert params["trt_profile_max_shapes"] == f"PIXEL_VALUES:{batch}x3x224x224"
+    assert sorted(w.batch_size for w in config.model_warmup) == [1, batch]
+    for warmup in config.model_warmup:
+        assert list(warmup.inputs["PIXEL_VALUES"].dims) == [3, 224, 224] and warmup.inputs["PIXEL_VALUES"].random_data
+    decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
+    assert decoder.backend == "python" and [g.kind for g in decoder.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert decoder.parameters["dtype"].string_value == "float32"
+    assert not (tmp_path / "repo" / "preprocess" / "configs").exists()  # stays on the CPU
+
+
+def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repositories):
+    repository = repositories["standard"]
+    for model in ("vision_encoder", "text_decoder"):
+        config = parse_config(repository / model / "configs" / "gpu.pbtxt")
+        assert config.backend == "python" and [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        assert config.name == model
+    params = {k: v.string_value for k, v in parse_config(repository / "preprocess" / "config.pbtxt").parameters.items()}
+    assert params["source_checkpoint"] == str(checkpoints["standard"].resolve())
+    assert (params["precision"], params["image_height"], params["image_width"]) == ("fp32", "384", "384")
+    assert params["default_num_beams"] == "3"  # the template's parameters are kept
+
+
+def test_an_fp16_encoder_is_close_to_fp32_and_the_gpu_decoder_runs_fp16(tmp_path):
+    checkpoint = build(SHALLOW["large"], tmp_path / "checkpoint")
+    export_checkpoint(checkpoint, tmp_path / "repo", ExportOptions(precision="fp16", target="triton-container"))
+    model, _ = reference.load(str(checkpoint))
+    path = tmp_path / "repo" / "vision_encoder" / "1" / "model.onnx"
+    graph = onnx.load(str(path))
+    weights = [t for t in graph.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert path.stat().st_size < 0.6 * sum(p.numel() for p in model.vision_model.parameters()) * 4
+    session = onnxruntime.InferenceSession(str(path))
+    assert session.get_inputs()[0].type == session.get_outputs()[0].type == "tensor(float)"  # fp32 at the edges
+    pixels = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model.vision_model(pixel_values=pixels).last_hidden_state.numpy()
+    actual = session.run(None, {"PIXEL_VALUES": pixels.numpy()})[0]
+    assert export_module.encoder_cosine(actual, expected) >= 0.999
+    assert json.loads((tmp_path / "repo" / MANIFEST).read_text())["precision"] == "fp16"
+    decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
+    assert decoder.parameters["dtype"].string_value == "float16"
+
+
+def test_an_fp16_encoder_far_from_fp32_is_refused(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "encoder_cosine", lambda actual, expected: 0.98)
+    with pytest.raises(ExportError, match=r"cosine similarity of 0.98000 .*\(at least 0.999 needed\)"):
+        export_checkpoint(checkpoints["standard"], tmp_path / "out", ExportOptions(precision="fp16"))
+    assert not (tmp_path / "out").exists()
 
 
 def _broken(checkpoint, tmp_path, edit):

@@ -315,4 +315,4 @@ class BlipTextDecoder:
         cache.length = end
         last = x[:, -1]
         last = self._layer_norm(self._act(F.linear(last, self.head_w, self.head_b)), self.head_ln)
-        return F.linear(last, self.lm_w, self.lm_b)
+        return F.linear(last, self.lm_w, self.lm_b).float()  # selection runs in fp32 whatever the weights' dtype

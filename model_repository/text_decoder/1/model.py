@@ -29,6 +29,9 @@ from caption_text import CaptionDecoder
 from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 class _BadRequest(Exception):
     pass
 
@@ -58,9 +61,15 @@ class TritonPythonModel:
         threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
         torch.set_num_threads(threads)
         device = "cpu"
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        if args.get("model_instance_kind") == "GPU":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"text_decoder: a GPU instance needs a CUDA build of torch and a visible GPU; "
+                                   f"torch {torch.__version__} sees none")
             device = f"cuda:{args['model_instance_device_id']}"
-        self.decoder = BlipTextDecoder.from_directory(directory, device=device)
+        dtype = _DTYPES.get(params.get("dtype") or "float32")
+        if dtype is None or (dtype is torch.float16 and device == "cpu"):
+            raise RuntimeError(f"text_decoder: dtype {params.get('dtype')!r} is not float32, or float16 on a GPU")
+        self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=dtype)
         decoding = json.loads((directory / "decoding.json").read_text())
         self.texts = CaptionDecoder(directory / "tokenizer.json", decoding["clean_up_tokenization_spaces"])
         self.limits = from_parameters(GenerationLimits, params, "limit_")

@@ -2,6 +2,9 @@
 
 This is the embedded target, whose Triton build has only the Python backend. In NVIDIA's container the same
 `model.onnx` is served by the native `onnxruntime` backend instead (`blip-export --target triton-container`).
+A GPU instance (`configs/gpu.pbtxt`) runs on ONNX Runtime's CUDA provider (onnxruntime-gpu); without it the model
+refuses to load rather than run on the CPU unnoticed. (TensorRT, with its minutes-long engine builds, is the
+container's: its native onnxruntime backend builds the engines during warm-up, before the model is ready.)
 
 Input (per item): PIXEL_VALUES FP32 [3, H, W]. Output (per item): IMAGE_EMBEDS FP32 [L, hidden].
 All requests of a batch go through one session run (in chunks of `max_batch_size`).
@@ -21,6 +24,16 @@ def _parameter(config: dict, name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _gpu_providers(device: int) -> list:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            "vision_encoder: a GPU instance needs ONNX Runtime's CUDA provider, which this onnxruntime lacks "
+            f"(it has {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime"
+        )
+    return [("CUDAExecutionProvider", {"device_id": device})]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -32,8 +45,8 @@ class TritonPythonModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+        if args.get("model_instance_kind") == "GPU":
+            providers = _gpu_providers(int(args["model_instance_device_id"])) + providers
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         expected = self.session.get_inputs()[0].shape
         self.item_shape = tuple(expected[1:])

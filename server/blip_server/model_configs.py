@@ -1,0 +1,118 @@
+"""The `config.pbtxt` files an export writes besides the template's: per target and per device.
+
+- Every export: `preprocess/config.pbtxt` gains what was served (source checkpoint, precision, image size), so
+  any gateway in front of any replica can describe the model without the export's files.
+- Every export: `configs/gpu.pbtxt` for `vision_encoder` and `text_decoder`, chosen by Triton's
+  `--model-config-name=gpu` (a model without one keeps its `config.pbtxt`): `KIND_GPU` instances.
+- `triton-container`: the encoder on Triton's native `onnxruntime` backend (NVIDIA's image), CPU by default; its
+  GPU config adds the TensorRT execution accelerator (FP16, engine and timing caches on a volume, one
+  optimisation profile for batch 1..max_batch_size) and warm-up requests, so the model reports ready only once
+  its engines are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from blip_server.repository import parse_config
+
+GPU_CONFIG = "gpu"
+# Where the container's TensorRT engines and timing cache live: a volume, so restarts skip the engine build.
+TENSORRT_CACHE = "/cache/tensorrt"
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    height: int
+    width: int
+    tokens: int  # patches + the class token
+    hidden: int
+
+
+def _write(path: Path, config: mc.ModelConfig, header: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+                    + text_format.MessageToString(config))
+
+
+def _set_parameter(config: mc.ModelConfig, key: str, value) -> None:
+    config.parameters[key].string_value = str(value)
+
+
+def add_parameters(path: Path, comment: str, **values) -> None:
+    """Append string parameters to a config.pbtxt, keeping its text (and comments) as it is."""
+    extra = mc.ModelConfig()
+    for key, value in values.items():
+        _set_parameter(extra, key, value)
+    with path.open("a") as f:
+        f.write(f"# {comment}\n" + text_format.MessageToString(extra))
+
+
+def _gpu_instances(config: mc.ModelConfig) -> None:
+    del config.instance_group[:]
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+
+
+def write_python_gpu_configs(repository: Path, decoder_dtype: str) -> None:
+    """`configs/gpu.pbtxt` for the Python-backend encoder (ONNX Runtime's CUDA/TensorRT providers) and decoder."""
+    for model in ("vision_encoder", "text_decoder"):
+        directory = repository / model
+        if not (directory / "1" / "model.py").is_file():
+            continue  # the container's encoder is native onnxruntime: its GPU config is written below
+        config = parse_config(directory / "config.pbtxt")
+        _gpu_instances(config)
+        _set_parameter(config, "threads", 1)  # the GPU does the work: one CPU thread feeds it
+        if model == "text_decoder":
+            _set_parameter(config, "dtype", decoder_dtype)
+        _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", config,
+               f"{model} on a GPU (tritonserver --model-config-name={GPU_CONFIG}); written by blip-export.\n"
+               "Same model as config.pbtxt, one instance on each GPU Triton assigns it.")
+
+
+def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> None:
+    """The encoder's `config.pbtxt` (CPU) and `configs/gpu.pbtxt` (TensorRT) for the native onnxruntime backend."""
+    config = parse_config(directory / "config.pbtxt")
+    config.backend = "onnxruntime"
+    config.ClearField("parameters")
+    del config.input[0].dims[:]
+    config.input[0].dims.extend([3, shape.height, shape.width])
+    del config.output[0].dims[:]
+    config.output[0].dims.extend([shape.tokens, shape.hidden])
+    del config.instance_group[:]
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _write(directory / "config.pbtxt", config,
+           "The checkpoint's BlipVisionModel (1/model.onnx) on Triton's onnxruntime backend, on CPU.\n"
+           f"configs/{GPU_CONFIG}.pbtxt runs it on GPUs with TensorRT; written by blip-export.")
+    (directory / "1" / "model.py").unlink()
+
+    gpu = mc.ModelConfig()
+    gpu.CopyFrom(config)
+    _gpu_instances(gpu)
+    batch = config.max_batch_size
+    pixels = f"{config.input[0].name}:{{}}x3x{shape.height}x{shape.width}"
+    tensorrt = gpu.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    for key, value in {
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": str(4 << 30),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": TENSORRT_CACHE,
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": TENSORRT_CACHE,
+        "trt_profile_min_shapes": pixels.format(1),
+        "trt_profile_opt_shapes": pixels.format(batch),
+        "trt_profile_max_shapes": pixels.format(batch),
+    }.items():
+        tensorrt.parameters[key] = value
+    for size in sorted({1, batch}):
+        warmup = gpu.model_warmup.add(name=f"batch {size}", batch_size=size, count=1)
+        warmup.inputs[config.input[0].name].CopyFrom(mc.ModelWarmup.Input(
+            data_type=mc.TYPE_FP32, dims=[3, shape.height, shape.width], random_data=True))
+    _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", gpu,
+           "The encoder on GPUs (tritonserver --model-config-name=gpu): ONNX Runtime's TensorRT execution provider\n"
+           f"in FP16, one optimisation profile for batch 1..{batch}, engines and timing cache kept in {TENSORRT_CACHE}\n"
+           "(mount a volume there: a restart then loads the engines instead of building them for minutes).\n"
+           "The warm-up requests build the engines before the model reports ready. Written by blip-export.")
