@@ -87,3 +87,13 @@ def test_a_port_in_use_is_reported(repositories):
             triton.wait_ready()
         triton.stop()
         triton.cleanup()
+
+
+def test_device_cuda_loads_the_gpu_configs_and_says_why_it_cannot_run_without_a_gpu(repositories, tmp_path):
+    """On this machine (no GPU) --device cuda must fail loudly, never fall back to the CPU."""
+    serve = ServeProcess("--model", str(repositories["standard"]), "--device", "cuda", "--startup-timeout", "120",
+                         cache=tmp_path)
+    code, log = serve.process.wait(timeout=180), serve.log()
+    assert code == 2, log
+    assert "blip-serve: error: tritonserver exited" in log
+    assert "kind KIND_GPU but no GPUs are available" in log and "Traceback" not in log
