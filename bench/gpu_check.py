@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "server"), str(ROOT / "model_repository" / "text_decoder" / "1")]
+sys.path[:0] = [str(ROOT / "server"), str(ROOT / "model_repository" / "text_decoder" / "1"),
+                str(ROOT / "server" / "blip_server" / "shared")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

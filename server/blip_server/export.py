@@ -7,7 +7,8 @@ provides:
 - `text_decoder/1/decoder.safetensors` + `decoder_config.json`: the text decoder's weights and sizes;
 - `preprocess/1/image_processor.json`, `preprocess.json` and both models' `tokenizer.json`: preprocessing,
   special token ids and the tokenizer, all read from the checkpoint;
-- `preprocess/1/generation_options.py`: a copy of the decoder's, so both models handle options alike;
+- the modules of `blip_server.shared` next to the models that import them (`generation_options.py` in both,
+  `image_header.py` in `preprocess`), so the gateway and both models check options and images alike;
 - `configs/gpu.pbtxt` beside the encoder's and decoder's `config.pbtxt`: the same models on GPUs, picked with
   Triton's `--model-config-name=gpu` (`blip-serve --device cuda` does);
 - `blip_export.json`: what was exported, from where, and how.
@@ -34,7 +35,7 @@ from blip_server.checkpoint import check_layout, content_digest, decoder_config,
 from blip_server.config import PRECISIONS
 from blip_server.errors import ExportError
 from blip_server.model_configs import EncoderShape, add_parameters, write_container_encoder_configs, write_python_gpu_configs
-from blip_server.repository import MANIFEST, template_directory
+from blip_server.repository import MANIFEST, SHARED_MODULES, shared_directory, template_directory
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,10 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     _write_json(preprocess / "image_processor.json", images)
     _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id,
                                                  "max_position_embeddings": text_config.max_position_embeddings})
-    # One source for option handling: preprocess resolves the options, text_decoder validates them again.
-    shutil.copy2(decoder / "generation_options.py", preprocess / "generation_options.py")
+    # One source for option and image checks: the gateway, preprocess and text_decoder use the same code.
+    for directory, modules in ((preprocess, SHARED_MODULES), (decoder, ("generation_options.py",))):
+        for module in modules:
+            shutil.copy2(shared_directory() / module, directory / module)
 
     add_parameters(output / "preprocess" / "config.pbtxt", "What is served (blip-export); GetModelInfo reports it.",
                    source_checkpoint=checkpoint, precision=options.precision,

@@ -18,7 +18,7 @@ from blip_server import model_configs as model_configs_module
 from blip_server.checkpoint import check_layout, content_digest
 from blip_server.errors import ExportError, ModelNotFoundError
 from blip_server.export import ExportOptions, export_checkpoint
-from blip_server.repository import MANIFEST, is_model_repository, template_directory
+from blip_server.repository import MANIFEST, is_model_repository, shared_directory, template_directory
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def export_fingerprint(options: ExportOptions) -> str:
     digest = hashlib.sha256(repr(sorted(vars(options).items())).encode())
     template = template_directory()
     sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    sources += sorted(shared_directory().glob("*.py"))
     sources += [Path(m.__file__) for m in (checkpoint_module, export_module, model_configs_module)]
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

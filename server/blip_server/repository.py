@@ -10,6 +10,8 @@ from google.protobuf import text_format
 from blip_server.errors import ModelNotFoundError
 
 MANIFEST = "blip_export.json"
+# The modules of blip_server.shared that the export copies into the models.
+SHARED_MODULES = ("generation_options.py", "image_header.py")
 MODELS = ("preprocess", "vision_encoder", "text_decoder", "blip_caption")
 ENSEMBLE = "blip_caption"
 
@@ -23,6 +25,11 @@ def template_directory() -> Path:
             "(pip install -e .)"
         )
     return path
+
+
+def shared_directory() -> Path:
+    """`blip_server/shared`: the modules the gateway and the Triton models share."""
+    return Path(__file__).resolve().parent / "shared"
 
 
 def is_model_repository(path: Path) -> bool:

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from blip_server.checkpoint import image_settings
-from image_preprocessing import ImageError, ImageProcessorConfig, load_image, preprocess
+import threading
+import time
+
+from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, load_image, preprocess
 from support import images, reference
 
 KINDS = images.kinds(seed=3)
-MAX_PIXELS = 64_000_000
+LIMITS = ImageLimits()
 
 
 def _config(checkpoint) -> tuple[ImageProcessorConfig, object]:
@@ -24,7 +27,7 @@ def _config(checkpoint) -> tuple[ImageProcessorConfig, object]:
 def test_pixel_values_match_blip_image_processor(checkpoints, checkpoint_name, kind):
     config, image_processor = _config(checkpoints[checkpoint_name])
     expected = image_processor(images=reference.pipeline_image(KINDS[kind]), return_tensors="np")["pixel_values"][0]
-    actual = preprocess(KINDS[kind], config, MAX_PIXELS)
+    actual = preprocess(KINDS[kind], config, LIMITS)
     assert actual.dtype == np.float32
     assert actual.shape == expected.shape == (3, config.height, config.width)
     assert np.abs(actual - expected).max() <= 1e-5
@@ -32,8 +35,8 @@ def test_pixel_values_match_blip_image_processor(checkpoints, checkpoint_name, k
 
 def test_exif_orientation_is_applied_before_anything_else():
     base = images.rgb(300, 200, seed=9)
-    upright = load_image(images.encode(base, "PNG"), MAX_PIXELS)
-    rotated = load_image(images.with_orientation(base, 6, quality=100), MAX_PIXELS)
+    upright = load_image(images.encode(base, "PNG"), LIMITS)
+    rotated = load_image(images.with_orientation(base, 6, quality=100), LIMITS)
     assert upright.size == (300, 200)
     assert rotated.size == (200, 300)  # orientation 6: displayed rotated by 90 degrees
 
@@ -50,11 +53,55 @@ def test_exif_orientation_is_applied_before_anything_else():
 )
 def test_bad_images_are_refused_with_a_reason(data, message):
     with pytest.raises(ImageError, match=message):
-        load_image(data, MAX_PIXELS)
+        load_image(data, LIMITS)
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding():
     data = images.encode(images.rgb(400, 300), "PNG")
     with pytest.raises(ImageError, match="400x300 = 120000 pixels; the limit is 100000"):
-        load_image(data, 100_000)
-    assert load_image(data, 120_000).size == (400, 300)
+        load_image(data, ImageLimits(max_pixels=100_000))
+    assert load_image(data, ImageLimits(max_pixels=120_000)).size == (400, 300)
+
+
+def test_images_over_the_side_limit_are_refused_before_decoding():
+    data = images.encode(images.rgb(400, 30), "PNG")
+    with pytest.raises(ImageError, match="the image is 400x30; the limit is 399 pixels a side"):
+        load_image(data, ImageLimits(max_side=399))
+    assert load_image(data, ImageLimits(max_side=400)).size == (400, 30)
+
+
+def test_the_decode_budget_lets_large_images_take_turns():
+    budget, running, peak, lock = DecodeBudget(capacity=100), [0], [0], threading.Lock()
+
+    def decode(size):
+        with budget.reserve(size):
+            with lock:
+                running[0] += size
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= size
+
+    threads = [threading.Thread(target=decode, args=(size,)) for size in (60, 60, 60, 30, 250)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)  # one larger than the whole budget still ran, alone
+    assert peak[0] == 250 or peak[0] <= 100
+    assert budget.used == 0
+
+
+def test_preprocessing_holds_its_budget_while_it_works_on_the_full_size_image():
+    budget = DecodeBudget(capacity=1 << 40)
+    seen = []
+    reserve = budget.reserve
+
+    def spy(size):
+        seen.append(size)
+        return reserve(size)
+
+    budget.reserve = spy
+    config = ImageProcessorConfig(384, 384, 3, True, True, True, 1 / 255, True, (0.5,) * 3, (0.5,) * 3)
+    preprocess(images.encode(images.rgb(300, 200), "PNG"), config, LIMITS, budget)
+    assert seen == [300 * 200 * 16] and budget.used == 0

@@ -3,28 +3,35 @@
 The pipeline loads an image with `PIL.Image.open`, applies its EXIF orientation (`ImageOps.exif_transpose`)
 and converts it with `convert("RGB")`. The checkpoint's image processor (the PIL backend of
 `BlipImageProcessor`) then converts to RGB once more, compositing onto white any transparency that survived
-(`convert("RGB")` keeps a palette image's transparent colour as `info["transparency"]`), resizes to the configured size with the configured resample filter, rescales in
-float64 before casting to float32, and normalises with the checkpoint's mean and std in float32. Every
-operation here is the same operation, in the same order and precision, so pixel values match bit for bit.
+(`convert("RGB")` keeps a palette image's transparent colour as `info["transparency"]`), resizes to the
+configured size with the configured resample filter, rescales in float64 before casting to float32, and
+normalises with the checkpoint's mean and std in float32. Every operation here is the same operation, in the
+same order and precision, so pixel values match bit for bit; conversions that would only copy an image already
+in the target mode are skipped, as are copies `exif_transpose` makes of an upright image.
+
+Before a pixel is decoded, the header's size is checked against the limits (`image_header`), and the decode
+waits for room in a `DecodeBudget`: concurrent large images take turns instead of multiplying memory.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from image_header import ImageError, ImageLimits, check, open_image
 from PIL import Image, ImageOps
 
-# Pillow's names of the formats we accept ("JPEG" also opens phones' multi-picture MPO files).
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+__all__ = ["DecodeBudget", "ImageError", "ImageLimits", "ImageProcessorConfig", "load_image", "pixel_values",
+           "preprocess"]
 
-
-class ImageError(ValueError):
-    """The bytes are not an image we can caption; the message says why."""
+# Bytes a decode may hold per pixel at its peak: the decoded image (up to 4 bytes a pixel, 8 for 16-bit RGBA)
+# beside its RGB (3) or, for transparency, RGBA composite (2 x 4) conversions.
+PEAK_BYTES_PER_PIXEL = 16
 
 
 @dataclass(frozen=True)
@@ -53,33 +60,48 @@ class ImageProcessorConfig:
         return {**self.__dict__, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
 
 
-def load_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode, refuse what is not an accepted image or is too large, apply EXIF orientation, convert to RGB."""
-    if not data:
-        raise ImageError("the image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"the image is too large to decode: {exc}") from None
-    except Exception as exc:
-        raise ImageError(
-            f"could not decode the image ({len(data)} bytes): not a JPEG, PNG, WebP, GIF, BMP or TIFF file"
-        ) from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageError(f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+class DecodeBudget:
+    """At most `capacity` bytes of images being decoded at once; an image larger than all of it decodes alone."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def reserve(self, size: int):
+        with self._room:
+            self._room.wait_for(lambda: self.used == 0 or self.used + size <= self.capacity)
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= size
+                self._room.notify_all()
+
+
+_UNLIMITED = DecodeBudget(capacity=1 << 62)
+
+
+def _decode(image: Image.Image, header) -> Image.Image:
+    """Decode an opened image, apply its EXIF orientation and convert it to RGB (the pipeline's loading)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except Exception as exc:
-        raise ImageError(f"could not decode the {image.format} image: {exc}") from None
+            ImageOps.exif_transpose(image, in_place=True)
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever the plugin raises
+        raise ImageError(f"could not decode the {header.format} image: {exc}") from None
+
+
+def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode (within the limits), apply EXIF orientation, convert to RGB."""
+    image = open_image(data)
+    return _decode(image, check(image, limits))
 
 
 def _convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -88,7 +110,7 @@ def _convert_to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
@@ -107,5 +129,15 @@ def pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def preprocess(data: bytes, config: ImageProcessorConfig, max_pixels: int) -> np.ndarray:
-    return pixel_values(load_image(data, max_pixels), config)
+def preprocess(data: bytes, config: ImageProcessorConfig, limits: ImageLimits,
+               budget: DecodeBudget = _UNLIMITED) -> np.ndarray:
+    """Pixel values of encoded image bytes; the full-size work waits for room in `budget`."""
+    image = open_image(data)
+    header = check(image, limits)
+    with budget.reserve(header.pixels * PEAK_BYTES_PER_PIXEL):
+        rgb = _decode(image, header)
+        try:
+            return pixel_values(rgb, config)
+        finally:
+            rgb.close()
+            image.close()

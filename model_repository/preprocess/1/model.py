@@ -6,13 +6,19 @@ Outputs (per item): PIXEL_VALUES FP32 [3, H, W]; PROMPT_IDS INT64 [P] (BOS first
 the items of one request have prompts of different lengths); GENERATION_OPTIONS BYTES [1] (the options with
 defaults filled in, as JSON).
 
-Options are resolved and validated first, so a bad request is refused before any image work; images of a
-batch are decoded and resized on a thread pool (Pillow releases the GIL). A bad request is answered with its
-own INVALID_ARG error; the other requests of the batch are unaffected.
+Options are resolved and validated first, and the prompt's length checked in bytes before it is tokenised, so a
+bad request is refused before any image work; images of a batch are decoded and resized on a thread pool (Pillow
+releases the GIL), each image's size checked from its header first and its decoding waiting for room in the
+instance's decode budget. A bad request is answered with its own INVALID_ARG error, and any other failure while
+handling one request with its own INTERNAL error: the other requests of the batch are unaffected.
+
+Limits come from the config's parameters; `BLIP_MAX_IMAGE_PIXELS`, `BLIP_MAX_IMAGE_SIDE` and
+`BLIP_MAX_PROMPT_BYTES` in Triton's environment override them (`blip-serve` passes its flags that way).
 """
 
 import json
 import os
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,12 +26,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
-from image_preprocessing import ImageError, ImageProcessorConfig, preprocess
+from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
 
 
 class _BadRequest(Exception):
     pass
+
+
+def _limit(params: dict, name: str, default: int) -> int:
+    """A limit: BLIP_<NAME> in the environment, else the config parameter <name>, else the default."""
+    return int(os.environ.get(f"BLIP_{name.upper()}") or params.get(name) or default)
 
 
 class TritonPythonModel:
@@ -35,7 +46,10 @@ class TritonPythonModel:
         directory = Path(args["model_repository"]) / args["model_version"]
         settings = json.loads((directory / "preprocess.json").read_text())
         self.image_config = ImageProcessorConfig.from_json(directory / "image_processor.json")
-        self.max_pixels = int(params.get("max_image_pixels") or 64_000_000)
+        self.image_limits = ImageLimits(max_pixels=_limit(params, "max_image_pixels", ImageLimits.max_pixels),
+                                        max_side=_limit(params, "max_image_side", ImageLimits.max_side))
+        self.budget = DecodeBudget(_limit(params, "decode_budget_bytes", 1 << 30))
+        self.max_prompt_bytes = _limit(params, "max_prompt_bytes", 2048)
         self.max_positions = settings["max_position_embeddings"]
         self.prompts = PromptTokenizer(
             directory / "tokenizer.json",
@@ -67,6 +81,12 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
+            except Exception:  # noqa: BLE001 - one request's failure must not fail its batch
+                pb_utils.Logger.log_error(f"preprocess: a request failed:\n{traceback.format_exc()}")
+                error = pb_utils.TritonError("preprocessing failed; the server log has the details",
+                                             pb_utils.TritonError.INTERNAL)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
             names = ("PIXEL_VALUES", "PROMPT_IDS", "GENERATION_OPTIONS")
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
         return responses
@@ -80,7 +100,10 @@ class TritonPythonModel:
         for i in range(count):
             where = f"item {i}: " if count > 1 else ""
             try:
-                text = None if prompts[i] is None else bytes(prompts[i]).decode("utf-8")
+                raw = None if prompts[i] is None else bytes(prompts[i])
+                if raw is not None and len(raw) > self.max_prompt_bytes:
+                    raise PromptError(f"the prompt is {len(raw)} bytes long; the limit is {self.max_prompt_bytes}")
+                text = None if raw is None else raw.decode("utf-8")
                 ids = self.prompts(text)
                 resolved = self.defaults.with_values(**{field: values[i] for field, values in options.items()})
                 resolved.validate(self.limits, len(ids), self.max_positions)
@@ -94,7 +117,7 @@ class TritonPythonModel:
         pixels = []
         for i, image in enumerate(images):
             try:
-                pixels.append(preprocess(bytes(image), self.image_config, self.max_pixels))
+                pixels.append(preprocess(bytes(image), self.image_config, self.image_limits, self.budget))
             except ImageError as exc:
                 raise _BadRequest(f"item {i}: {exc}" if count > 1 else str(exc)) from None
         width = max(len(ids) for ids, _ in items)

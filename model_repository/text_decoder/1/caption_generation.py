@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from blip_text_decoder import BlipTextDecoder, ImageContext, Segment, SelfAttentionCache
+from blip_text_decoder import BlipTextDecoder, Segment, SelfAttentionCache
 from generation_options import GenerationOptions
 from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter
 

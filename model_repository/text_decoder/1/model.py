@@ -93,17 +93,27 @@ class TritonPythonModel:
         results = []
         if items:
             deadlines = [_deadline(request) for request in requests]
-            embeds = torch.from_numpy(np.stack([embeds for embeds, _, _ in items]))
-            results = generate(
-                self.decoder,
-                embeds,
-                [prompt for _, prompt, _ in items],
-                [options for _, _, options in items],
-                is_cancelled=lambda i: _gone(requests[owners[i]], deadlines[owners[i]]),
-            )
+            gone = lambda i: _gone(requests[owners[i]], deadlines[owners[i]])  # noqa: E731
+            try:
+                results = self._generate(items, gone)
+            except Exception:  # noqa: BLE001 - find the request that fails; the others are answered
+                pb_utils.Logger.log_error(f"text_decoder: a batch failed, decoding its requests one by one:\n"
+                                          f"{traceback.format_exc()}")
+                results = []
+                for r in range(len(requests)):
+                    mine = [i for i, owner in enumerate(owners) if owner == r]
+                    try:
+                        results += self._generate([items[i] for i in mine], lambda j: gone(mine[j]))
+                    except Exception:  # noqa: BLE001
+                        pb_utils.Logger.log_error(f"text_decoder: a request failed:\n{traceback.format_exc()}")
+                        errors[r] = pb_utils.TritonError("decoding failed; the server log has the details",
+                                                         pb_utils.TritonError.INTERNAL)
+                        results += [[] for _ in mine]
 
         per_request = [[] for _ in requests]
         for owner, hypotheses in zip(owners, results):
+            if errors[owner] is not None:
+                continue
             if hypotheses is None:
                 pb_utils.Logger.log_info("text_decoder: stopped decoding a request: cancelled or past its deadline")
                 errors[owner] = pb_utils.TritonError(
@@ -113,21 +123,33 @@ class TritonPythonModel:
 
         responses = []
         for request_results, error in zip(per_request, errors):
-            if error is not None:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                continue
-            captions = [self.texts([h.tokens for h in hypotheses]) for hypotheses in request_results]
-            scores = [[h.score for h in hypotheses] for hypotheses in request_results]
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("CAPTIONS", np.array([[c.encode("utf-8") for c in row] for row in captions],
-                                                             dtype=np.object_)),
-                        pb_utils.Tensor("SCORES", np.array(scores, dtype=np.float32)),
-                    ]
-                )
-            )
+            if error is None:
+                try:
+                    responses.append(self._answer(request_results))
+                    continue
+                except Exception:  # noqa: BLE001
+                    pb_utils.Logger.log_error(f"text_decoder: a request failed:\n{traceback.format_exc()}")
+                    error = pb_utils.TritonError("decoding failed; the server log has the details",
+                                                 pb_utils.TritonError.INTERNAL)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
         return responses
+
+    def _answer(self, request_results):
+        captions = [self.texts([h.tokens for h in hypotheses]) for hypotheses in request_results]
+        scores = [[h.score for h in hypotheses] for hypotheses in request_results]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("CAPTIONS", np.array([[c.encode("utf-8") for c in row] for row in captions], dtype=np.object_)),
+            pb_utils.Tensor("SCORES", np.array(scores, dtype=np.float32)),
+        ])
+
+    def _generate(self, items, is_cancelled):
+        return generate(
+            self.decoder,
+            torch.from_numpy(np.stack([embeds for embeds, _, _ in items])),
+            [prompt for _, prompt, _ in items],
+            [options for _, _, options in items],
+            is_cancelled=is_cancelled,
+        )
 
     def _parse(self, request) -> list[tuple[np.ndarray, list[int], GenerationOptions]]:
         embeds = pb_utils.get_input_tensor_by_name(request, "IMAGE_EMBEDS").as_numpy()

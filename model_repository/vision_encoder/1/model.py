@@ -7,11 +7,13 @@ refuses to load rather than run on the CPU unnoticed. (TensorRT, with its minute
 container's: its native onnxruntime backend builds the engines during warm-up, before the model is ready.)
 
 Input (per item): PIXEL_VALUES FP32 [3, H, W]. Output (per item): IMAGE_EMBEDS FP32 [L, hidden].
-All requests of a batch go through one session run (in chunks of `max_batch_size`).
+All requests of a batch go through one session run (in chunks of `max_batch_size`). If that run fails, each
+request is run on its own, so that only the requests that fail alone are answered with an error.
 """
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,10 @@ import triton_python_backend_utils as pb_utils
 def _parameter(config: dict, name: str, default: int) -> int:
     value = config.get("parameters", {}).get(name, {}).get("string_value", "")
     return int(value) if value else default
+
+
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 def _gpu_providers(device: int) -> list:
@@ -66,20 +72,30 @@ class TritonPythonModel:
                 errors.append(None)
                 batches.append(pixels)
         valid = [b for b in batches if b is not None]
-        embeds = self._encode(np.concatenate(valid)) if valid else None
+        try:
+            embeds = self._encode(np.concatenate(valid)) if valid else None
+        except Exception:  # noqa: BLE001 - find the request that fails; the others are answered
+            pb_utils.Logger.log_error(f"vision_encoder: a batch failed, running its requests one by one:\n"
+                                      f"{traceback.format_exc()}")
+            return [self._alone(pixels, error) for pixels, error in zip(batches, errors)]
         responses, offset = [], 0
         for pixels, error in zip(batches, errors):
             if error is not None:
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)
-                    )
-                )
+                responses.append(_error(error, pb_utils.TritonError.INVALID_ARG))
                 continue
             items = embeds[offset : offset + len(pixels)]
             offset += len(pixels)
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", items)]))
         return responses
+
+    def _alone(self, pixels, error):
+        if error is not None:
+            return _error(error, pb_utils.TritonError.INVALID_ARG)
+        try:
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", self._encode(pixels))])
+        except Exception:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"vision_encoder: a request failed:\n{traceback.format_exc()}")
+            return _error("encoding the image failed; the server log has the details", pb_utils.TritonError.INTERNAL)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         outputs = [
