@@ -68,6 +68,8 @@ class Limits:
     max_num_return_sequences: int
     max_no_repeat_ngram_size: int
     max_concurrent_requests: int
+    max_image_side: int
+    max_prompt_bytes: int
 
 
 @dataclass(frozen=True)

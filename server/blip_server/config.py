@@ -44,7 +44,15 @@ class GatewayOptions:
     metrics_port: int = option(0, "port of the Prometheus metrics endpoint, on the gateway's host; 0: none")
     api_keys: str = option("", "comma-separated keys the gateway requires as `authorization: Bearer <key>`; "
                                "empty: none")
+    tls_cert: Path | None = option(None, "PEM certificate chain of the gateway: serve TLS (with --tls-key)")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = option(None, "PEM CA certificates: require clients to present a certificate they "
+                                              "signed (mutual TLS)")
     max_image_bytes: int = option(20 * 1024 * 1024, "largest encoded image the gateway accepts")
+    max_image_pixels: int = option(50_000_000, "largest image, in pixels, checked from its header before decoding "
+                                                "(in the gateway and again in Triton)")
+    max_image_side: int = option(20_000, "largest width or height of an image, in pixels, checked like "
+                                         "--max-image-pixels")
     max_concurrent_requests: int = option(256, "images in flight at once before the gateway answers "
                                                "RESOURCE_EXHAUSTED")
     stream_window: int = option(16, "images of one CaptionStream in flight at once")

@@ -14,46 +14,12 @@ from tritonclient.utils import InferenceServerException
 
 from blip_client import CaptionClient, GenerationOptions
 from blip_client import _errors as client_errors
-from blip_server.ensemble import CaptionText
 from blip_server.gateway import errors
 from blip_server.gateway.captioner import Captioner, GatewayLimits
-from blip_server.gateway.messages import CaptionJob, ModelDescription
+from blip_server.gateway.messages import CaptionJob
 from blip_server.gateway.replicas import Replica, ReplicaPool
+from support.fake_captioner import FAILURES, IMAGE, FakeCaptioner
 from support.gateway import BackgroundGateway
-
-FAILURES = {
-    "invalid": errors.InvalidArgument("num_beams=0 is out of range: allowed 1 to 8"),
-    "exhausted": errors.ResourceExhausted("too big"),
-    "unavailable": errors.Unavailable("the inference server is unavailable"),
-    "deadline": errors.DeadlineExceeded("too slow"),
-    "cancelled": errors.Cancelled("cancelled"),
-}
-
-
-class FakeCaptioner(Captioner):
-    """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
-
-    def __init__(self, limits=GatewayLimits()):
-        super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
-        self.seen = []
-        self.release = asyncio.Event()
-
-    async def ready(self):
-        return True
-
-    async def describe(self):
-        return ModelDescription("blip_caption", "/checkpoint", 384, 384, "fp32", {"num_beams": 3}, {"max_num_beams": 8})
-
-    async def _infer(self, job, timeout):
-        self.seen.append((job, timeout))
-        if job.prompt.startswith("fail:"):
-            raise FAILURES[job.prompt[5:]]
-        if job.prompt == "crash":
-            raise RuntimeError("secret internal detail")
-        if job.prompt == "slow":
-            await self.release.wait()
-        return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]
-
 
 @pytest.fixture
 def served():
@@ -73,14 +39,14 @@ def test_service_errors_become_their_status_codes(served, kind):
     gateway, _ = served
     with CaptionClient(gateway.address) as client:
         with pytest.raises(client_errors.ERRORS_BY_CODE[FAILURES[kind].code]) as error:
-            client.caption(b"image", prompt=f"fail:{kind}")
+            client.caption(IMAGE, prompt=f"fail:{kind}")
     assert error.value.message.startswith(FAILURES[kind].message)
 
 
 def test_a_bug_is_internal_with_a_generic_message(served):
     gateway, _ = served
     with CaptionClient(gateway.address) as client, pytest.raises(client_errors.InternalError) as error:
-        client.caption(b"image", prompt="crash")
+        client.caption(IMAGE, prompt="crash")
     assert "secret" not in error.value.message and "Traceback" not in error.value.message
     assert error.value.message == errors.INTERNAL_MESSAGE
 
@@ -88,10 +54,26 @@ def test_a_bug_is_internal_with_a_generic_message(served):
 def test_explicit_zero_options_are_sent_and_unset_ones_are_not(served):
     gateway, captioner = served
     with CaptionClient(gateway.address) as client:
-        client.caption(b"image", options=GenerationOptions(num_beams=0, top_p=0.5), timeout=7)
+        client.caption(IMAGE, options=GenerationOptions(min_new_tokens=0, top_k=0, top_p=0.5), timeout=7)
     job, timeout = captioner.seen[-1]
-    assert job.options == {"num_beams": 0, "top_p": 0.5}
+    assert job.options == {"min_new_tokens": 0, "top_k": 0, "top_p": 0.5}
     assert timeout == pytest.approx(7, abs=1)  # the caller's deadline is passed on
+
+
+@pytest.mark.parametrize("options, message", [
+    (GenerationOptions(num_beams=0), "num_beams=0 is out of range: allowed 1 to 8"),
+    (GenerationOptions(num_beams=9), "num_beams=9 is out of range: allowed 1 to 8"),
+    (GenerationOptions(num_beams=2, num_return_sequences=3), "num_return_sequences=3 is out of range: allowed 1 to 2"),
+    (GenerationOptions(do_sample=True, temperature=0.0), "temperature=0.0 is out of range"),
+    (GenerationOptions(seed=-1), "seed=-1 is out of range"),
+    (GenerationOptions(max_new_tokens=65), "max_new_tokens=65 is out of range: allowed 1 to 64"),
+])
+def test_the_gateway_refuses_out_of_range_options_before_calling_triton(served, options, message):
+    gateway, captioner = served
+    with CaptionClient(gateway.address) as client, pytest.raises(client_errors.InvalidArgumentError) as error:
+        client.caption(IMAGE, options=options)
+    assert error.value.message.startswith(message)
+    assert captioner.seen == []
 
 
 def test_the_gateway_refuses_what_it_owns(served):
@@ -104,7 +86,23 @@ def test_the_gateway_refuses_what_it_owns(served):
         with pytest.raises(client_errors.ResourceExhaustedError):  # over gRPC's message limit altogether
             client.caption(b"x" * 200_000)
         with pytest.raises(client_errors.InvalidArgumentError, match="prompt is longer than"):
-            client.caption(b"image", prompt="p" * 5000)
+            client.caption(IMAGE, prompt="p" * 5000)
+        with pytest.raises(client_errors.InvalidArgumentError, match="could not decode the image .* not a JPEG"):
+            client.caption(b"GIF89a but not really")
+        with pytest.raises(client_errors.InvalidArgumentError, match="the image is 60000000x1; the limit is 20000"):
+            client.caption(_png_header(60_000_000, 1))
+        with pytest.raises(client_errors.InvalidArgumentError, match="= 100000000 pixels; the limit is 50000000"):
+            client.caption(_png_header(10_000, 10_000))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds (almost) nothing: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_requests_over_capacity_are_refused_not_queued(served):
@@ -113,7 +111,7 @@ def test_requests_over_capacity_are_refused_not_queued(served):
 
     def slow():
         with CaptionClient(gateway.address) as client:
-            outcomes.append(client.caption(b"image", prompt="slow"))
+            outcomes.append(client.caption(IMAGE, prompt="slow"))
 
     threads = [threading.Thread(target=slow) for _ in range(2)]
     for t in threads:
@@ -124,25 +122,25 @@ def test_requests_over_capacity_are_refused_not_queued(served):
                 break
             threading.Event().wait(0.05)
         with pytest.raises(client_errors.ResourceExhaustedError, match="at capacity"):
-            client.caption(b"image", prompt="third")
+            client.caption(IMAGE, prompt="third")
         gateway.call(_release(captioner))
         for t in threads:
             t.join(10)
         assert len(outcomes) == 2
-        assert client.caption(b"image", prompt="after").text.startswith("after")
+        assert client.caption(IMAGE, prompt="after").text.startswith("after")
 
 
 def test_a_stream_answers_every_item_and_survives_failed_ones(served):
     gateway, _ = served
     prompts = ["a", "fail:invalid", "b", "crash", "c", "fail:exhausted", "d"]
     with CaptionClient(gateway.address) as client:
-        answers = dict(client.caption_stream([b"image"] * len(prompts), prompt="x"))
+        answers = dict(client.caption_stream([IMAGE] * len(prompts), prompt="x"))
         assert sorted(answers) == list(range(len(prompts)))
         stub_answers = {}
         from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
         stub = caption_pb2_grpc.CaptionServiceStub(client._channel)
-        requests = [caption_pb2.CaptionRequest(image=b"image", prompt=p, request_id=f"id-{i}") for i, p in enumerate(prompts)]
+        requests = [caption_pb2.CaptionRequest(image=IMAGE, prompt=p, request_id=f"id-{i}") for i, p in enumerate(prompts)]
         for response in stub.CaptionStream(iter(requests)):  # the iterator's end is the client's half-close
             stub_answers[response.request_id] = response
     assert sorted(stub_answers) == sorted(f"id-{i}" for i in range(len(prompts)))
@@ -183,11 +181,11 @@ def test_api_keys_are_required_when_configured():
     gateway = BackgroundGateway(FakeCaptioner(), api_keys=["s3cret", "other"])
     try:
         with CaptionClient(gateway.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
-            anonymous.caption(b"image")
+            anonymous.caption(IMAGE)
         with CaptionClient(gateway.address, api_key="wrong") as wrong, pytest.raises(client_errors.UnauthenticatedError):
-            list(wrong.caption_stream([b"image"]))
+            list(wrong.caption_stream([IMAGE]))
         with CaptionClient(gateway.address, api_key="other") as right:
-            assert right.caption(b"image", prompt="ok").text.startswith("ok")
+            assert right.caption(IMAGE, prompt="ok").text.startswith("ok")
         with grpc.insecure_channel(gateway.address) as channel:  # health stays open for load balancers
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     finally:
@@ -203,7 +201,7 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
     pool = ReplicaPool(("127.0.0.1:1",))
     pool.replicas["127.0.0.1:1"] = Replica("127.0.0.1:1", CancellingTriton(), up=True)
     captioner = Captioner(pool, GatewayLimits())
-    job = CaptionJob(b"image", "", {}, "")
+    job = CaptionJob(IMAGE, "", {}, "")
     with pytest.raises(errors.DeadlineExceeded):
         asyncio.run(captioner._infer(job, timeout=0.01))
     with pytest.raises(errors.Cancelled):
@@ -218,14 +216,14 @@ def test_metrics_count_calls_by_method_and_code_and_are_served_over_http(served)
     import urllib.request
 
     gateway, captioner = served
-    with CaptionClient(gateway.address) as client:
-        client.caption(b"image", prompt="ok")
+    with CaptionClient(gateway.address, retry=None) as client:
+        client.caption(IMAGE, prompt="ok")
         for prompt, error in [("fail:invalid", client_errors.InvalidArgumentError),
                               ("fail:unavailable", client_errors.UnavailableError),
                               ("crash", client_errors.InternalError)]:
             with pytest.raises(error):
-                client.caption(b"image", prompt=prompt)
-        dict(client.caption_stream([b"image", b"image", b""], prompt="s"))
+                client.caption(IMAGE, prompt=prompt)
+        dict(client.caption_stream([IMAGE, IMAGE, b""], prompt="s"))
         client.model_info()
         with grpc.insecure_channel(gateway.address) as channel:  # health checks are not counted
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
@@ -254,7 +252,7 @@ def test_metrics_show_calls_in_flight_and_refusals(served):
 
     def slow():
         with CaptionClient(gateway.address) as client:
-            client.caption(b"image", prompt="slow")
+            client.caption(IMAGE, prompt="slow")
         done.set()
 
     thread = threading.Thread(target=slow)
@@ -272,7 +270,84 @@ def test_metrics_show_calls_in_flight_and_refusals(served):
     keyed = BackgroundGateway(FakeCaptioner(), api_keys=["k"])
     try:
         with CaptionClient(keyed.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
-            anonymous.caption(b"image")
+            anonymous.caption(IMAGE)
         assert _sample(keyed, "blip_gateway_requests_total", method="Caption", code="UNAUTHENTICATED") == 1
     finally:
         keyed.stop()
+
+
+def _raw(channel, method: str, stream: bool = False):
+    factory = channel.stream_stream if stream else channel.unary_unary
+    return factory(f"/blip.caption.v1.CaptionService/{method}", request_serializer=None, response_deserializer=None)
+
+
+MALFORMED = {
+    "not_protobuf": (b"\xff\xff\xff\xff", "is not a valid blip.caption.v1.CaptionRequest message"),
+    "prompt_not_utf8": (b"\x0a\x01x\x12\x02\xc3\x28", "prompt is not valid UTF-8"),
+    "request_id_not_utf8": (b"\x0a\x01x\x22\x02\xc3\x28", "request_id is not valid UTF-8"),
+    "options_not_a_message": (b"\x0a\x01x\x1a\x02\xff\xff", "options is not a valid blip.caption.v1.GenerationOptions"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_request_is_invalid_argument_never_unknown(served, name):
+    gateway, captioner = served
+    data, message = MALFORMED[name]
+    with grpc.insecure_channel(gateway.address) as channel, pytest.raises(grpc.RpcError) as error:
+        _raw(channel, "Caption")(data, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+    assert captioner.seen == []
+
+
+def test_a_stream_answers_malformed_and_oversized_items_and_goes_on(served):
+    from blip_client.protos.blip.caption.v1 import caption_pb2
+
+    gateway, _ = served
+    good = lambda i: caption_pb2.CaptionRequest(image=IMAGE, prompt=f"p{i}", request_id=f"good-{i}").SerializeToString()
+    oversized = caption_pb2.CaptionRequest(image=b"x" * 5000, request_id="big").SerializeToString()  # limit: 1000
+    items = [good(0), MALFORMED["not_protobuf"][0], good(1), MALFORMED["prompt_not_utf8"][0], oversized, good(2)]
+    with grpc.insecure_channel(gateway.address) as channel:
+        answers = [caption_pb2.CaptionStreamResponse.FromString(r)
+                   for r in _raw(channel, "CaptionStream", stream=True)(iter(items), timeout=30)]
+    assert len(answers) == len(items)
+    by_id = {}
+    for answer in answers:
+        by_id.setdefault(answer.request_id, []).append(answer)
+    assert [by_id[f"good-{i}"][0].response.captions[0].text.startswith(f"p{i}") for i in range(3)] == [True] * 3
+    assert by_id["big"][0].error.code_name == "RESOURCE_EXHAUSTED"
+    malformed = [a.error for a in by_id[""]]
+    assert sorted(e.code_name for e in malformed) == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert {m for e in malformed for m in ("CaptionRequest message", "UTF-8") if m in e.message} == {
+        "CaptionRequest message", "UTF-8"}
+
+
+def test_only_a_message_far_over_the_image_limit_ends_a_stream(served):
+    from blip_client.protos.blip.caption.v1 import caption_pb2
+
+    gateway, captioner = served
+    huge = caption_pb2.CaptionRequest(image=b"x" * (captioner.limits.max_message_bytes + 1)).SerializeToString()
+    with grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            list(_raw(channel, "CaptionStream", stream=True)(iter([huge]), timeout=30))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_sdk_retries_unavailable_within_its_policy(served):
+    from blip_client import RetryPolicy, UnavailableError
+
+    gateway, captioner = served
+    quick = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05)
+    with CaptionClient(gateway.address, retry=quick) as client:
+        assert client.caption(IMAGE, prompt="flaky:3").text.startswith("flaky:3")
+    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 3
+    captioner.flaky = 0
+    with CaptionClient(gateway.address, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(UnavailableError):
+            client.caption(IMAGE, prompt="flaky:3")
+    captioner.flaky = 0
+    with CaptionClient(gateway.address, retry=None) as client, pytest.raises(UnavailableError):
+        client.caption(IMAGE, prompt="flaky:1")
+    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 6
+    with pytest.raises(ValueError, match="max_attempts must be 1 to 5"):
+        RetryPolicy(max_attempts=6)

@@ -27,6 +27,8 @@ from blip_server.gateway.errors import (
 )
 from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
 from blip_server.gateway.replicas import NoReplica, ReplicaPool
+from blip_server.shared.generation_options import GenerationLimits, GenerationOptions, OptionError
+from blip_server.shared.image_header import ImageError, ImageLimits, read_header
 
 log = logging.getLogger("blip-serve.gateway")
 
@@ -36,15 +38,23 @@ class GatewayLimits:
     """What the gateway accepts.
 
     max_image_bytes: largest encoded image (RESOURCE_EXHAUSTED above it).
+    max_image_pixels, max_image_side: largest image its header may declare (INVALID_ARGUMENT above them).
     max_prompt_bytes: longest prompt in UTF-8 bytes (INVALID_ARGUMENT above it; the token limit is Triton's).
     max_concurrent_requests: images in flight at once, all clients together (RESOURCE_EXHAUSTED above it).
     stream_window: images of one stream in flight at once (the stream waits for a free slot).
     """
 
     max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_image_side: int = ImageLimits.max_side
     max_prompt_bytes: int = 2048
     max_concurrent_requests: int = 256
     stream_window: int = 16
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The transport's limit on one message: the image limit plus a margin (a quarter, at least 4 MiB)."""
+        return self.max_image_bytes + max(4 << 20, self.max_image_bytes // 4) + self.max_prompt_bytes
 
 
 def _parse_default(name: str, raw: str) -> bool | int | float:
@@ -74,12 +84,28 @@ class Captioner:
             raise Unavailable(f"the inference server is unavailable ({exc})") from None
 
     def check(self, job: CaptionJob) -> None:
+        """What the gateway checks before anything is sent: sizes, and the image's header."""
         if not job.image:
             raise InvalidArgument("image is empty: send the encoded image file's bytes")
         if len(job.image) > self.limits.max_image_bytes:
             raise ResourceExhausted(f"image is {len(job.image)} bytes; the limit is {self.limits.max_image_bytes}")
         if len(job.prompt.encode("utf-8")) > self.limits.max_prompt_bytes:
             raise InvalidArgument(f"prompt is longer than {self.limits.max_prompt_bytes} bytes")
+        try:
+            read_header(job.image, ImageLimits(self.limits.max_image_pixels, self.limits.max_image_side))
+        except ImageError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    async def check_options(self, job: CaptionJob) -> None:
+        """The options against the served defaults and limits (preprocess checks them again, with the prompt's
+        token count, which only it knows)."""
+        description = await self.describe()
+        limits = GenerationLimits(**{f: description.limits[f] for f in GenerationLimits.__dataclass_fields__})
+        try:
+            resolved = GenerationOptions(**description.defaults).with_values(**job.options)
+            resolved.validate(limits, prompt_tokens=1, max_positions=1 << 30)
+        except OptionError as exc:
+            raise InvalidArgument(str(exc)) from None
 
     async def caption(self, job: CaptionJob, timeout: float | None) -> CaptionResult:
         self.check(job)
@@ -91,6 +117,7 @@ class Captioner:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
         self.in_flight += 1
         try:
+            await self.check_options(job)
             captions = await self._infer(job, timeout)
         finally:
             self.in_flight -= 1
@@ -138,7 +165,9 @@ class Captioner:
                 defaults=defaults,
                 limits={
                     "max_image_bytes": self.limits.max_image_bytes,
-                    "max_image_pixels": int(params.get("max_image_pixels") or 0),
+                    "max_image_pixels": self.limits.max_image_pixels,
+                    "max_image_side": self.limits.max_image_side,
+                    "max_prompt_bytes": self.limits.max_prompt_bytes,
                     "max_prompt_tokens": int(params.get("max_prompt_tokens") or 0),
                     "max_num_beams": int(params.get("limit_max_num_beams") or 0),
                     "max_new_tokens": int(params.get("limit_max_new_tokens") or 0),

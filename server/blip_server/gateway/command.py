@@ -19,7 +19,7 @@ from blip_server.config import GatewayConfig, GatewayOptions, parse_command_line
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.metrics import GatewayMetrics
 from blip_server.gateway.replicas import ReplicaPool, parse_endpoint
-from blip_server.gateway.server import Gateway, create_server
+from blip_server.gateway.server import Gateway, create_server, server_credentials
 
 log = logging.getLogger("blip-gateway")
 
@@ -29,11 +29,14 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
     metrics = GatewayMetrics()
     replicas = ReplicaPool(targets, health_timeout=options.health_timeout, dns_refresh=dns_refresh,
                            on_replica_up=metrics.set_replica, on_replica_gone=metrics.forget_replica)
-    limits = GatewayLimits(max_image_bytes=options.max_image_bytes,
+    limits = GatewayLimits(max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
+                           max_image_side=options.max_image_side,
                            max_concurrent_requests=options.max_concurrent_requests,
                            stream_window=options.stream_window)
     keys = [k.strip() for k in options.api_keys.split(",") if k.strip()]
-    gateway = await create_server(f"{options.host}:{options.port}", Captioner(replicas, limits), keys, metrics)
+    credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)
+    gateway = await create_server(f"{options.host}:{options.port}", Captioner(replicas, limits), keys, metrics,
+                                  credentials)
     if options.metrics_port:
         try:
             gateway.metrics_port = metrics.serve(options.host, options.metrics_port)

@@ -1,11 +1,21 @@
-"""The gateway's domain types and their conversions from and to the protobuf messages."""
+"""The gateway's domain types and their conversions from and to the protobuf messages.
+
+Requests arrive as bytes and are parsed here, not by grpc's deserializer: a message that is not a valid
+CaptionRequest (or holds a string that is not UTF-8) is then an INVALID_ARGUMENT naming what is wrong, for the
+call or for the one stream item, instead of an UNKNOWN status that ends the call or the whole stream.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.ensemble import OPTION_TENSORS, CaptionText
+from blip_server.gateway.errors import InvalidArgument
 
 OPTION_FIELDS = tuple(OPTION_TENSORS)  # the GenerationOptions fields, same names in proto and ensemble
 
@@ -19,6 +29,35 @@ def options_to_pb(options: dict) -> caption_pb2.GenerationOptions:
     return caption_pb2.GenerationOptions(**{k: v for k, v in options.items() if v is not None})
 
 
+@functools.cache
+def _lenient_request():
+    """CaptionRequest with every field as bytes: reads what the strict parser refused, to say which field is bad."""
+    file = descriptor_pb2.FileDescriptorProto(name="blip/caption/v1/lenient.proto", package="blip.caption.v1.lenient",
+                                              syntax="proto3")
+    message = file.message_type.add(name="CaptionRequest")
+    for f in caption_pb2.CaptionRequest.DESCRIPTOR.fields:
+        message.field.add(name=f.name, number=f.number, type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+                          label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("blip.caption.v1.lenient.CaptionRequest"))
+
+
+def _why_unparsable(data: bytes) -> tuple[str, str]:
+    """(request_id if it can be read, what is wrong) for bytes that are not a valid CaptionRequest."""
+    try:
+        lenient = _lenient_request().FromString(data)
+    except DecodeError:
+        return "", f"the request ({len(data)} bytes) is not a valid blip.caption.v1.CaptionRequest message"
+    request_id = lenient.request_id.decode("utf-8", errors="replace")
+    for name in ("prompt", "request_id"):
+        try:
+            getattr(lenient, name).decode("utf-8")
+        except UnicodeDecodeError:
+            return request_id, f"{name} is not valid UTF-8"
+    return request_id, "options is not a valid blip.caption.v1.GenerationOptions message"
+
+
 @dataclass(frozen=True)
 class CaptionJob:
     image: bytes
@@ -29,6 +68,23 @@ class CaptionJob:
     @classmethod
     def from_pb(cls, message: caption_pb2.CaptionRequest) -> "CaptionJob":
         return cls(message.image, message.prompt, options_from_pb(message.options), message.request_id)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CaptionJob":
+        """Parse a serialized CaptionRequest; raises UnparsableRequest (an InvalidArgument) saying what is wrong."""
+        try:
+            return cls.from_pb(caption_pb2.CaptionRequest.FromString(data))
+        except DecodeError:
+            request_id, why = _why_unparsable(data)
+            raise UnparsableRequest(why, request_id) from None
+
+
+class UnparsableRequest(InvalidArgument):
+    """A request that is not a valid CaptionRequest; `request_id` is its id when that much could be read."""
+
+    def __init__(self, message: str, request_id: str = ""):
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass(frozen=True)

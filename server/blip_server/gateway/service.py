@@ -1,4 +1,8 @@
-"""`blip.caption.v1.CaptionService`: thin handlers that convert messages and call the Captioner."""
+"""`blip.caption.v1.CaptionService`: thin handlers that convert messages and call the Captioner.
+
+Requests arrive serialized (see `method_handlers`) and are parsed by `CaptionJob.from_bytes`, so that a malformed
+message is an INVALID_ARGUMENT of its own call or stream item rather than an UNKNOWN status from grpc.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
+
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.errors import ServiceError, unexpected
-from blip_server.gateway.messages import CaptionJob
+from blip_server.gateway.messages import CaptionJob, UnparsableRequest
 
 
 class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
@@ -17,8 +23,8 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
         self.captioner = captioner
         self._observe_item = observe_item  # each CaptionStream item's status code and duration (the metrics)
 
-    async def Caption(self, request, context):
-        job = CaptionJob.from_pb(request)
+    async def Caption(self, request: bytes, context):
+        job = CaptionJob.from_bytes(request)
         result = await self.captioner.caption(job, context.time_remaining())
         return result.to_pb()
 
@@ -31,18 +37,21 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
         window = asyncio.Semaphore(self.captioner.limits.stream_window)
         tasks: set[asyncio.Task] = set()
 
-        async def answer(request) -> None:
-            started, code = time.perf_counter(), "OK"
+        async def answer(request: bytes) -> None:
+            started, code, request_id = time.perf_counter(), "OK", ""
             try:
-                result = await self.captioner.caption(CaptionJob.from_pb(request), context.time_remaining())
-                response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, response=result.to_pb())
+                job = CaptionJob.from_bytes(request)
+                request_id = job.request_id
+                result = await self.captioner.caption(job, context.time_remaining())
+                response = caption_pb2.CaptionStreamResponse(request_id=request_id, response=result.to_pb())
             except ServiceError as exc:
                 code = exc.code.name
-                response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, error=exc.to_pb())
+                request_id = exc.request_id if isinstance(exc, UnparsableRequest) else request_id
+                response = caption_pb2.CaptionStreamResponse(request_id=request_id, error=exc.to_pb())
             except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
                 error = unexpected(exc)
                 code = error.code.name
-                response = caption_pb2.CaptionStreamResponse(request_id=request.request_id, error=error.to_pb())
+                response = caption_pb2.CaptionStreamResponse(request_id=request_id, error=error.to_pb())
             self._observe_item(code, time.perf_counter() - started)
             await answers.put(response)
 
@@ -73,3 +82,17 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def method_handlers(servicer: CaptionServicer) -> grpc.GenericRpcHandler:
+    """CaptionService's handlers, taking requests as bytes (parsed by the servicer) and answering messages."""
+    serialize = lambda message: message.SerializeToString()  # noqa: E731
+    return grpc.method_handlers_generic_handler(
+        caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
+        {
+            "Caption": grpc.unary_unary_rpc_method_handler(servicer.Caption, response_serializer=serialize),
+            "CaptionStream": grpc.stream_stream_rpc_method_handler(servicer.CaptionStream,
+                                                                   response_serializer=serialize),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(servicer.GetModelInfo, response_serializer=serialize),
+        },
+    )

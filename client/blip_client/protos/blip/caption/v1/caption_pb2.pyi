@@ -89,7 +89,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_num_beams", "max_new_tokens", "max_num_return_sequences", "max_no_repeat_ngram_size", "max_concurrent_requests")
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_num_beams", "max_new_tokens", "max_num_return_sequences", "max_no_repeat_ngram_size", "max_concurrent_requests", "max_image_side", "max_prompt_bytes")
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class Limits(_message.Message):
     MAX_NUM_RETURN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_image_bytes: int
     max_image_pixels: int
     max_prompt_tokens: int
@@ -106,7 +108,9 @@ class Limits(_message.Message):
     max_num_return_sequences: int
     max_no_repeat_ngram_size: int
     max_concurrent_requests: int
-    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_num_return_sequences: _Optional[int] = ..., max_no_repeat_ngram_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
+    max_image_side: int
+    max_prompt_bytes: int
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_num_return_sequences: _Optional[int] = ..., max_no_repeat_ngram_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "source_checkpoint", "image_height", "image_width", "defaults", "limits", "precision")

@@ -1,0 +1,52 @@
+"""A Captioner whose Triton call is scripted by the prompt, for tests of the gateway without Triton."""
+
+from __future__ import annotations
+
+import asyncio
+
+from blip_server.ensemble import CaptionText
+from blip_server.gateway import errors
+from blip_server.gateway.captioner import Captioner, GatewayLimits
+from blip_server.gateway.messages import ModelDescription
+from blip_server.gateway.replicas import ReplicaPool
+from support import images
+
+IMAGE = images.encode(images.rgb(8, 8), "PNG")
+FAILURES = {
+    "invalid": errors.InvalidArgument("num_beams=0 is out of range: allowed 1 to 8"),
+    "exhausted": errors.ResourceExhausted("too big"),
+    "unavailable": errors.Unavailable("the inference server is unavailable"),
+    "deadline": errors.DeadlineExceeded("too slow"),
+    "cancelled": errors.Cancelled("cancelled"),
+}
+
+
+class FakeCaptioner(Captioner):
+    """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
+
+    def __init__(self, limits=GatewayLimits()):
+        super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
+        self.seen = []
+        self.release = asyncio.Event()
+
+    async def ready(self):
+        return True
+
+    async def describe(self):
+        return ModelDescription("blip_caption", "/checkpoint", 384, 384, "fp32", {"num_beams": 3},
+                                {"max_num_beams": 8, "max_new_tokens": 64, "max_num_return_sequences": 8,
+                                 "max_no_repeat_ngram_size": 16})
+
+    async def _infer(self, job, timeout):
+        self.seen.append((job, timeout))
+        if job.prompt.startswith("fail:"):
+            raise FAILURES[job.prompt[5:]]
+        if job.prompt == "crash":
+            raise RuntimeError("secret internal detail")
+        if job.prompt == "slow":
+            await self.release.wait()
+        if job.prompt.startswith("flaky:"):  # UNAVAILABLE for the first N calls with this prompt
+            self.flaky = getattr(self, "flaky", 0) + 1
+            if self.flaky <= int(job.prompt[6:]):
+                raise errors.Unavailable("the inference server is restarting")
+        return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]
