@@ -20,6 +20,7 @@ from blip_client._errors import (
     UnavailableError,
 )
 from blip_client._images import ImageInput
+from blip_client._requests import RetryPolicy
 from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Limits",
     "ModelInfo",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
 ]

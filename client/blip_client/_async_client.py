@@ -9,7 +9,15 @@ import grpc
 
 from blip_client._errors import CaptionError, from_rpc_error
 from blip_client._images import ImageInput
-from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata, stream_item
+from blip_client._requests import (
+    DEFAULT_TARGET,
+    RetryPolicy,
+    build_request,
+    channel_credentials,
+    channel_options,
+    metadata,
+    stream_item,
+)
 from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
@@ -24,8 +32,10 @@ class AsyncCaptionClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
-        options = channel_options()
+                 tls_ca=None, tls_cert=None, tls_key=None, credentials: grpc.ChannelCredentials | None = None,
+                 retry: RetryPolicy | None = RetryPolicy()):
+        credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(retry)
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                          else grpc.aio.insecure_channel(target, options))
         self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)

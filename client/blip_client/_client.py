@@ -9,7 +9,15 @@ import grpc
 
 from blip_client._errors import CaptionError, from_rpc_error
 from blip_client._images import ImageInput
-from blip_client._requests import DEFAULT_TARGET, build_request, channel_options, metadata, stream_item
+from blip_client._requests import (
+    DEFAULT_TARGET,
+    RetryPolicy,
+    build_request,
+    channel_credentials,
+    channel_options,
+    metadata,
+    stream_item,
+)
 from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
@@ -22,12 +30,16 @@ class CaptionClient:
         with CaptionClient("127.0.0.1:50051") as client:
             print(client.caption("photo.jpg").text)
 
-    `timeout` (seconds, None for none) applies to every call that does not pass its own.
+    `timeout` (seconds, None for none) applies to every call that does not pass its own. `tls_ca` (and, for mutual
+    TLS, `tls_cert` and `tls_key`) are PEM files, paths or bytes, for a server that uses TLS. Calls answered
+    UNAVAILABLE are retried by gRPC as `retry` says (bounded, with jittered backoff; None: never).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
-        options = channel_options()
+                 tls_ca=None, tls_cert=None, tls_key=None, credentials: grpc.ChannelCredentials | None = None,
+                 retry: RetryPolicy | None = RetryPolicy()):
+        credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(retry)
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
                          else grpc.insecure_channel(target, options))
         self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)

@@ -1,6 +1,11 @@
-"""What both clients share: building requests, reading stream answers, channel options, call metadata."""
+"""What both clients share: building requests, reading stream answers, channel options and credentials,
+retries, call metadata."""
 
 from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
 
 from blip_client._errors import CaptionError, code_from_name, error_for
 from blip_client._images import ImageInput, image_bytes
@@ -29,8 +34,71 @@ def stream_item(response: caption_pb2.CaptionStreamResponse) -> tuple[int, Capti
     return index, CaptionResult.from_pb(response.response)
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls answered UNAVAILABLE (the server restarting, or no inference server ready), done by gRPC
+    itself: up to `max_attempts` attempts in all (gRPC allows at most 5), waiting a random time up to the current
+    backoff before each (jitter), the backoff growing from `initial_backoff` by `backoff_multiplier` up to
+    `max_backoff` seconds; never past the call's deadline. Captions are idempotent, so a retry is safe.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.25
+    max_backoff: float = 4.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self):
+        if not 1 <= self.max_attempts <= 5:
+            raise ValueError("max_attempts must be 1 to 5 (gRPC's limit)")
+        if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
+            raise ValueError("backoffs must be positive, max_backoff >= initial_backoff, multiplier >= 1")
+
+    def service_config(self) -> str:
+        return json.dumps({"methodConfig": [{
+            "name": [{"service": "blip.caption.v1.CaptionService"}],
+            "retryPolicy": {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff}s",
+                "maxBackoff": f"{self.max_backoff}s",
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]})
+
+
+
+def channel_options(retry: RetryPolicy | None = RetryPolicy()) -> list[tuple[str, int | str]]:
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    if retry is None or retry.max_attempts == 1:
+        return options + [("grpc.enable_retries", 0)]
+    # gRPC keeps a request to resend it; above these buffers it would not retry: make room for a whole image.
+    return options + [("grpc.enable_retries", 1), ("grpc.service_config", retry.service_config()),
+                      ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
+                      ("grpc.retry_buffer_size", 4 * MAX_MESSAGE_BYTES)]
+
+
+def _read(value: str | os.PathLike | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(tls_ca=None, tls_cert=None, tls_key=None):
+    """TLS credentials from PEM files (paths or bytes), or None for a plaintext channel.
+
+    tls_ca: the CA that signed the server's certificate (None: the system's roots); tls_cert and tls_key: this
+    client's certificate and key, for servers that require mutual TLS.
+    """
+    import grpc
+
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("give both tls_cert and tls_key (mutual TLS), or neither")
+    if tls_ca is None and tls_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca), private_key=_read(tls_key),
+                                        certificate_chain=_read(tls_cert))
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ import grpc
 
 from blip_client._client import CaptionClient
 from blip_client._errors import CaptionError
-from blip_client._requests import DEFAULT_TARGET
+from blip_client._requests import DEFAULT_TARGET, RetryPolicy
 from blip_client._types import CaptionResult, GenerationOptions
 
 # flag -> (GenerationOptions field, type)
@@ -51,11 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8, help="images in flight at once (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per image (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("BLIP_API_KEY"), help="API key (env BLIP_API_KEY)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate of a server that uses TLS")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="client key, for mutual TLS (with --tls-cert)")
+    parser.add_argument("--retries", type=int, default=3, metavar="N",
+                        help="retries of an image answered UNAVAILABLE, 0 to 4 (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("give both --tls-cert and --tls-key, or neither")
+    if not 0 <= args.retries <= 4:
+        parser.error("--retries must be 0 to 4")
     return args
 
 
@@ -101,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(args.paths), unit="image", file=sys.stderr, dynamic_ncols=True)
-    with CaptionClient(args.server, api_key=args.api_key) as client, ThreadPoolExecutor(args.concurrency) as pool:
+    client = CaptionClient(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, retry=RetryPolicy(max_attempts=args.retries + 1))
+    with client, ThreadPoolExecutor(args.concurrency) as pool:
         futures = [pool.submit(_caption_file, client, path, args, options) for path in args.paths]
         for path, future in zip(args.paths, futures):
             outcome = future.result()

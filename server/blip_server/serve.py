@@ -1,9 +1,10 @@
 """`blip-serve`: export the model if needed, start the gateway and Triton, keep Triton running, stop cleanly.
 
 The gateway answers from the start; its health is NOT_SERVING until Triton is ready, and again whenever Triton
-is down. If Triton dies it is restarted (calls meanwhile fail with UNAVAILABLE); after too many deaths in a
-short time blip-serve gives up and exits non-zero. SIGTERM/SIGINT stop the gateway (in-flight calls get a grace
-period) and then Triton.
+is down. If Triton dies, loses a Python-backend stub or hangs, it is restarted (see `supervisor`; calls meanwhile
+fail with UNAVAILABLE); after too many failures in a short time blip-serve gives up and exits non-zero.
+SIGTERM/SIGINT stop the gateway (in-flight calls get a grace period) and then Triton; a second signal kills
+Triton at once. Either way blip-serve exits only once Triton and every one of its stubs has exited.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.command import start_gateway
 from blip_server.model_store import resolve_repository
 from blip_server.repository import read_manifest
-from blip_server.triton import EmbeddedTriton, TritonOptions, connect_host
+from blip_server.supervisor import TritonSupervisor
+from blip_server.triton import TritonOptions, connect_host
 
 log = logging.getLogger("blip-serve")
 
@@ -36,62 +38,41 @@ async def _reach(captioner: Captioner, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
-class TritonSupervisor:
-    """Runs EmbeddedTriton and restarts it when it dies, up to `max_restarts` within `window` seconds."""
-
-    def __init__(self, options: TritonOptions, max_restarts: int = 5, window: float = 300.0):
-        self.options = options
-        self.max_restarts = max_restarts
-        self.window = window
-        self.triton: EmbeddedTriton | None = None
-        self._deaths: list[float] = []
-
-    async def start(self) -> None:
-        self.triton = EmbeddedTriton(self.options)
-        self.triton.start()
-        await asyncio.to_thread(self.triton.wait_ready)
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Return when `stop` is set; raise TritonStartError when Triton keeps dying."""
-        while not stop.is_set():
-            if self.triton.is_running():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            now = time.monotonic()
-            self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
-            log.error("Triton exited unexpectedly:\n%s", self.triton.log_tail())
-            if len(self._deaths) > self.max_restarts:
-                raise TritonStartError(f"Triton died {len(self._deaths)} times in {self.window:.0f} s; giving up")
-            self.triton.cleanup()
-            await asyncio.sleep(min(30.0, 2.0 ** (len(self._deaths) - 1)))
-            log.info("restarting Triton")
-            await self.start()
-            log.info("Triton is ready again")
-
-    def stop(self) -> None:
-        if self.triton is not None:
-            self.triton.stop()
-            self.triton.cleanup()
-
-
 async def serve(config: ServeConfig, repository: Path) -> int:
     manifest = read_manifest(repository)
-    gateway = await start_gateway(config, (f"{connect_host(config.triton_host)}:{config.triton_grpc_port}",))
+    endpoint = f"{connect_host(config.triton_host)}:{config.triton_grpc_port}"
+    gateway = await start_gateway(config, (endpoint,))
     captioner = gateway.captioner
     health = asyncio.create_task(gateway.follow_triton(config.health_interval))
+
+    async def down(why: str) -> None:  # calls fail fast with UNAVAILABLE until Triton is back
+        captioner.replicas.suspend(endpoint, why)
+        await gateway.set_serving(False)
+
+    async def up() -> None:
+        captioner.replicas.resume(endpoint)
+        await _reach(captioner, timeout=30.0)
+        await gateway.set_serving(True)
+
     supervisor = TritonSupervisor(TritonOptions(
         model_repository=repository, host=config.triton_host, grpc_port=config.triton_grpc_port,
         http_port=config.triton_http_port, metrics_port=config.triton_metrics_port,
         startup_timeout=config.startup_timeout, log_path=config.triton_log,
         model_config_name="gpu" if config.device == "cuda" else "",
-    ))
+        environment={"BLIP_MAX_IMAGE_PIXELS": str(config.max_image_pixels),
+                     "BLIP_MAX_IMAGE_SIDE": str(config.max_image_side)},
+    ), on_down=down, on_up=up, probe_timeout=config.health_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: no more grace
+            log.info("second signal: killing Triton now")
+            supervisor.kill()
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         log.info("starting Triton (model repository %s)", repository)
         starting = asyncio.create_task(supervisor.start())
@@ -113,11 +94,11 @@ async def serve(config: ServeConfig, repository: Path) -> int:
         log.info("stopping")
         return 0
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         health.cancel()
         await gateway.stop(config.shutdown_grace)
         await asyncio.to_thread(supervisor.stop)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # only now: a signal during shutdown must not cut it short
+            loop.remove_signal_handler(signum)
 
 
 def _interrupt(signum, frame):
@@ -138,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision))
         return asyncio.run(serve(config, repository))
-    except (BlipServerError, OSError) as exc:
+    except (BlipServerError, OSError, ValueError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ runs in its own process group (so its Python-backend stubs can be stopped with i
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,12 +18,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip_server.errors import TritonStartError
 
 _PR_SET_PDEATHSIG = 1
+# Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
 _BENIGN_WITHOUT_GPU = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 
@@ -39,6 +42,7 @@ class TritonOptions:
     log_verbose: Triton's --log-verbose level.
     log_path: where Triton's log goes (default: a file in the server's temporary work directory).
     model_config_name: load `<model>/configs/<name>.pbtxt` where a model has one (`gpu`), else `config.pbtxt`.
+    environment: variables set for the server and its Python-backend stubs (the models read BLIP_* limits).
     """
 
     model_repository: Path
@@ -51,6 +55,7 @@ class TritonOptions:
     log_verbose: int = 0
     log_path: Path | None = None
     model_config_name: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 def _wheel_paths() -> tuple[Path, Path, Path]:
@@ -96,6 +101,7 @@ class EmbeddedTriton:
         self.options = options
         self._process: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="blip-triton-"))
+        self._admin_key = secrets.token_hex(16)
         self.log_path = Path(options.log_path) if options.log_path else self._workdir / "tritonserver.log"
 
     def __enter__(self) -> "EmbeddedTriton":
@@ -114,6 +120,9 @@ class EmbeddedTriton:
     def command(self) -> list[str]:
         o = self.options
         binary, _, _ = _wheel_paths()
+        # Closed even on loopback: the APIs that change what is served or read its memory and logs. Calls to them
+        # must carry a header whose value is this random key, which nothing is told.
+        closed = f"{','.join(RESTRICTED_APIS)}:admin-key={self._admin_key}"
         return [
             str(binary),
             f"--model-repository={Path(o.model_repository).resolve()}",
@@ -128,6 +137,8 @@ class EmbeddedTriton:
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             f"--log-verbose={o.log_verbose}",
+            f"--grpc-restricted-protocol={closed}",
+            f"--http-restricted-api={closed}",
             *([f"--model-config-name={o.model_config_name}"] if o.model_config_name else []),
             # Python-backend tensors travel through shared memory; start big enough for a batch of embeddings.
             "--backend-config=python,shm-default-byte-size=33554432",
@@ -136,7 +147,7 @@ class EmbeddedTriton:
 
     def _environment(self) -> dict[str, str]:
         _, _, libs = _wheel_paths()
-        env = dict(os.environ)
+        env = {**os.environ, **self.options.environment}
         library_path = [sysconfig.get_config_var("LIBDIR"), str(libs)]
         if env.get("LD_LIBRARY_PATH"):
             library_path.append(env["LD_LIBRARY_PATH"])
@@ -165,10 +176,14 @@ class EmbeddedTriton:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def is_ready(self) -> bool:
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process else None
+
+    def is_ready(self, timeout: float = 2.0) -> bool:
         url = f"http://{connect_host(self.options.host)}:{self.options.http_port}/v2/health/ready"
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -200,7 +215,8 @@ class EmbeddedTriton:
         return "\n".join(errors + text[-lines:])
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests), then SIGKILL the whole process group if it lingers."""
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL the whole process group if it lingers.
+        Returns once the server and every stub of its process group are gone."""
         process = self._process
         if process is None:
             return None
@@ -210,15 +226,49 @@ class EmbeddedTriton:
                 process.wait(timeout=timeout if timeout is not None else self.options.exit_timeout + 10)
             except subprocess.TimeoutExpired:
                 pass
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL the server and its stubs (also when stopped: SIGTERM would wait for a SIGCONT) and wait for them."""
+        process = self._process
+        if process is None:
+            return None
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # stubs left behind, if any
+            os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         process.wait()
+        _wait_group_gone(process.pid)
         return process.returncode
 
     def cleanup(self) -> None:
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes of a process group that have not exited (zombies excluded)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(group) == pgid and state != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of the group is left (stubs die a moment after the server they belonged to)."""
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid) and time.monotonic() < deadline:
+        if os.getpid() == 1:  # in a container without an init, orphaned stubs are ours to reap
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.05)
 
 
 def connect_host(host: str) -> str:

@@ -71,13 +71,24 @@ _FROM_TRITON = {
 _ENSEMBLE_PREFIX = "in ensemble 'blip_caption', "
 
 
+def triton_unavailable(exc: InferenceServerException) -> bool:
+    """Whether Triton could not take the call at all: UNAVAILABLE, or a Python-backend stub that died (Triton
+    2.51 answers INTERNAL "Stub process '<instance>' is not healthy." until it is restarted). Such a call had no
+    effect, and may be retried on another replica."""
+    if str(exc.status()) == "StatusCode.UNAVAILABLE":
+        return True
+    message = str(exc.message() or "")
+    return "Stub process" in message and "is not healthy" in message
+
+
 def from_triton(exc: InferenceServerException) -> ServiceError:
+    if triton_unavailable(exc):
+        message = str(exc.message() or "").removeprefix(_ENSEMBLE_PREFIX)
+        return Unavailable(f"the inference server is unavailable ({message})")
     kind = _FROM_TRITON.get(str(exc.status()))
     message = str(exc.message() or "")
     if message.startswith(_ENSEMBLE_PREFIX):
         message = message[len(_ENSEMBLE_PREFIX):]
-    if kind is Unavailable:
-        return Unavailable(f"the inference server is unavailable ({message})")
     if kind is None:
         log.error("Triton failed a request: %s %s", exc.status(), message)
         return ServiceError(INTERNAL_MESSAGE)

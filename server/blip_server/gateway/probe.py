@@ -14,11 +14,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from blip_client._requests import channel_credentials
 from blip_server.gateway.server import SERVICE_NAME
 
 
-def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0, tls_ca=None, tls_cert=None,
+          tls_key=None) -> bool:
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                timeout=timeout)
@@ -32,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", help="HOST:PORT of the gateway")
     parser.add_argument("--service", default=SERVICE_NAME, help="health service name (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--tls-ca", help="CA certificate of a gateway that serves TLS")
+    parser.add_argument("--tls-cert", help="client certificate, for a gateway that requires mutual TLS")
+    parser.add_argument("--tls-key", help="client key, with --tls-cert")
     args = parser.parse_args(argv)
-    return 0 if check(args.address, args.service, args.timeout) else 1
+    return 0 if check(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key) else 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Endpoints are `HOST:PORT`, or `dns:///NAME:PORT` for every address NAME resolves
 Service, a Compose service scaled to N); names are resolved again every `dns_refresh` seconds, so replicas that
 come and go are picked up. Every replica's readiness (the `blip_caption` ensemble ready) is checked every
 `health_interval` seconds with a timeout: a dead or hung replica is out within seconds, and back once it answers
-ready. A call that fails with UNAVAILABLE before any result takes its replica out at once and is tried once more
-on another replica that is up (captions are idempotent). Calls go to the up replica with the fewest calls in
+ready. A call that fails with UNAVAILABLE before any result (or whose replica lost a Python-backend stub) takes
+its replica out at once and is tried once more on another replica that is up (captions are idempotent). A
+replica can also be suspended (blip-serve does while it restarts its Triton): it stays out until resumed. Calls go to the up replica with the fewest calls in
 flight, ties taken in turn.
 """
 
@@ -23,6 +24,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from blip_server import ensemble
+from blip_server.gateway.errors import triton_unavailable
 
 log = logging.getLogger("blip-serve.gateway")
 T = TypeVar("T")
@@ -51,6 +53,7 @@ class Replica:
     client: triton_aio.InferenceServerClient
     name: str = ""  # the DNS name it was resolved from, if any
     up: bool = False
+    suspended: bool = False
     in_flight: int = 0
     served: int = 0  # calls answered; for logs and tests
 
@@ -142,8 +145,20 @@ class ReplicaPool:
         replicas = list(self.replicas.values())
         states = await asyncio.gather(*(r.check(self.health_timeout) for r in replicas))
         for replica, up in zip(replicas, states):
-            self._set(replica, up, "not ready" if not up else "")
+            self._set(replica, up and not replica.suspended, "suspended" if replica.suspended else "not ready")
         return self.ready
+
+    def suspend(self, endpoint: str, why: str) -> None:
+        """Keep a replica out (its server is being restarted) until `resume`."""
+        replica = self.replicas.get(endpoint)
+        if replica is not None:
+            replica.suspended = True
+            self._set(replica, False, why)
+
+    def resume(self, endpoint: str) -> None:
+        replica = self.replicas.get(endpoint)
+        if replica is not None:
+            replica.suspended = False
 
     async def watch(self, interval: float, on_change: Callable[[bool], Awaitable[None]]) -> None:
         """Refresh every `interval` seconds and report readiness (any replica up) to `on_change`, until cancelled."""
@@ -175,10 +190,11 @@ class ReplicaPool:
         """`request` on an up replica; on UNAVAILABLE, that replica is taken out and the call tried once more on
         another. Raises NoReplica when none is up, or the last InferenceServerException."""
         tried: set[Replica] = set()
+        last_error: InferenceServerException | None = None
         while True:
             replica = self._pick(tried)
             if replica is None:
-                if tried:
+                if last_error is not None:
                     raise last_error
                 raise NoReplica("no Triton replica is ready")
             tried.add(replica)
@@ -188,7 +204,7 @@ class ReplicaPool:
                 replica.served += 1
                 return result
             except InferenceServerException as exc:
-                if str(exc.status()) != "StatusCode.UNAVAILABLE" or len(tried) >= 2:
+                if not triton_unavailable(exc) or len(tried) >= 2:
                     raise
                 self._set(replica, False, f"a call failed: {exc.message()}")
                 last_error = exc

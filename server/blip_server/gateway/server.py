@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.auth import ApiKeyInterceptor
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.errors import ErrorInterceptor
 from blip_server.gateway.metrics import STREAM_ITEM, GatewayMetrics
-from blip_server.gateway.service import CaptionServicer
+from blip_server.gateway.service import CaptionServicer, method_handlers
 
 log = logging.getLogger("blip-serve.gateway")
 
@@ -60,11 +61,30 @@ class Gateway:
         self.metrics.stop()
 
 
+def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files (None: plaintext); with `client_ca`, clients must present a certificate it
+    signed (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cert is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    try:
+        return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
+                                           root_certificates=client_ca.read_bytes() if client_ca else None,
+                                           require_client_auth=client_ca is not None)
+    except OSError as exc:
+        raise ValueError(f"cannot read a TLS file: {exc}") from None
+
+
 async def create_server(address: str, captioner: Captioner, api_keys: list[str] = (),
-                        metrics: GatewayMetrics | None = None) -> Gateway:
+                        metrics: GatewayMetrics | None = None,
+                        credentials: grpc.ServerCredentials | None = None) -> Gateway:
     """A started gateway bound to `address` ("127.0.0.1:0" picks a free port); health starts NOT_SERVING.
 
     Metrics are recorded in `metrics` (a new registry if None); serving them over HTTP is the caller's choice.
+    With `credentials` the port serves TLS only (health and reflection included).
     """
     limits = captioner.limits
     metrics = metrics or GatewayMetrics()
@@ -72,19 +92,20 @@ async def create_server(address: str, captioner: Captioner, api_keys: list[str] 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(metrics.observe), ApiKeyInterceptor(list(api_keys))],
         options=[
-            # The image plus prompt, options and framing; larger messages are refused with RESOURCE_EXHAUSTED.
-            ("grpc.max_receive_message_length", limits.max_image_bytes + limits.max_prompt_bytes + 64 * 1024),
+            # A margin above the image limit: a stream item over the limit but under this is answered with its own
+            # RESOURCE_EXHAUSTED and the stream goes on; only a truly huge message ends its call.
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ],
     )
     servicer = CaptionServicer(captioner, lambda code, seconds: metrics.observe(STREAM_ITEM, code, seconds))
-    caption_pb2_grpc.add_CaptionServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
