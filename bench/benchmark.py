@@ -92,9 +92,14 @@ def run_service(repository: Path, images: list[bytes], options: dict, concurrenc
 
     from blip_client import CaptionClient, GenerationOptions
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.serve import ServeProcess
-    from support.triton_requests import caption_inputs, captions
+    from blip_server import ensemble
+    from blip_server.processes import ServeProcess
+
+    def caption_inputs(data, **options):
+        return ensemble.inputs(grpcclient, data, None, **options)
+
+    def captions(result):
+        return [([c.text for c in item], [c.score for c in item]) for item in ensemble.captions(result)]
 
     def timed(call):
         def run(data):

@@ -14,8 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-
+from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.triton import EmbeddedTriton, TritonOptions
 
@@ -24,26 +23,10 @@ log = logging.getLogger("blip-serve")
 STUB = "triton_python_backend_stub"
 
 
-def _children(pid: int) -> dict[int, str]:
-    """Live children of `pid` -> their command lines."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == pid and state != "Z":
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def stubs(pid: int) -> dict[int, str]:
     """Triton's Python-backend stubs (pid -> the model.py each runs)."""
     return {child: cmdline.split()[1] if len(cmdline.split()) > 1 else cmdline
-            for child, cmdline in _children(pid).items() if STUB in cmdline}
+            for child, cmdline in procfs.children(pid).items() if STUB in cmdline}
 
 
 class TritonSupervisor:

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blip_server import procfs
 from blip_server.errors import TritonStartError
 
 _PR_SET_PDEATHSIG = 1
@@ -245,24 +246,10 @@ class EmbeddedTriton:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Processes of a process group that have not exited (zombies excluded)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            except (OSError, ValueError):
-                continue
-            if int(group) == pgid and state != "Z":
-                members.append(int(entry.name))
-    return members
-
-
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
     """Wait until no process of the group is left (stubs die a moment after the server they belonged to)."""
     deadline = time.monotonic() + timeout
-    while _group_members(pgid) and time.monotonic() < deadline:
+    while procfs.group_members(pgid) and time.monotonic() < deadline:
         if os.getpid() == 1:  # in a container without an init, orphaned stubs are ours to reap
             try:
                 os.waitpid(-1, os.WNOHANG)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from blip_server.demo.scenes import PROMPT, encode, render
-from blip_server.ports import free_ports
+from blip_server.processes import ServeProcess
 
 EVALUATION_SEED = 20_261_129
 
@@ -48,19 +46,6 @@ def measure(address: str, held_out: list[tuple[bytes, str]], concurrency: int = 
     return report
 
 
-def _start_server(model: Path | None) -> tuple[subprocess.Popen, str]:
-    ports = [str(port) for port in free_ports(4)]
-    command = [str(Path(sys.executable).parent / "blip-serve"), "--port", ports[0], "--triton-grpc-port", ports[1],
-               "--triton-http-port", ports[2], "--triton-metrics-port", ports[3]]
-    if model is not None:
-        command += ["--model", str(model)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if "ready" in line:
-            return process, f"127.0.0.1:{ports[0]}"
-    raise SystemExit(f"blip-serve exited with status {process.wait()} before it was ready")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blip-demo-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="a running caption server HOST:PORT (default: start blip-serve)")
@@ -71,18 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     held_out = scenes(args.scenes, args.seed)
-    process = None
-    address = args.server
+    server, address = None, args.server
     if address is None:
-        process, address = _start_server(args.model)
+        server = ServeProcess(*(["--model", str(args.model)] if args.model else []), show_log=True)
+        server.wait_ready(timeout=600)
+        address = server.address
     try:
         started = time.monotonic()
         report = measure(address, held_out)
         report["seconds"] = round(time.monotonic() - started, 1)
     finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+        if server is not None:
+            server.stop()
     report["seed"] = args.seed
     if args.output:
         args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,61 @@
+"""What Linux's /proc says about processes: children, process-group members, memory. No third-party library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PAGE_SIZE = 4096
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), or None if it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def children(pid: int) -> dict[int, str]:
+    """Live (not zombie) children of `pid` -> their command lines."""
+    found = {}
+    for child in _pids():
+        fields = _stat(child)
+        if fields and fields[0] != "Z" and int(fields[1]) == pid:
+            found[child] = cmdline(child)
+    return found
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """`pid`'s children, their children, and so on."""
+    found, frontier = {}, [pid]
+    while frontier:
+        kids = {}
+        for parent in frontier:
+            kids.update(children(parent))
+        found.update(kids)
+        frontier = list(kids)
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    return [pid for pid in _pids() if (fields := _stat(pid)) and fields[0] != "Z" and int(fields[2]) == pgid]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process, in bytes (0 if it is gone)."""
+    try:
+        return int((Path("/proc") / str(pid) / "statm").read_text().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
