@@ -39,8 +39,23 @@ def export_fingerprint(options: ExportOptions) -> str:
     return digest.hexdigest()
 
 
-def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = ExportOptions()) -> Path:
-    """The model repository to serve for `model` (None: the demo checkpoint)."""
+def export_in_child(checkpoint: Path, output: Path, options: ExportOptions) -> None:
+    """export_checkpoint in a short-lived process of its own: torch and transformers, which only the export needs,
+    never load into the long-running server (their memory would stay with it). An interrupt kills the child; a
+    half-written export is never renamed into place and is cleared by the next one."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_log_to_stderr) as pool:
+        pool.apply(export_checkpoint, (checkpoint, output, options))
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = ExportOptions(),
+                       export=export_checkpoint) -> Path:
+    """The model repository to serve for `model` (None: the demo checkpoint); `export` makes it when needed."""
     model = Path(model) if model is not None else demo_checkpoint()
     if not model.exists():
         raise ModelNotFoundError(f"--model {model} does not exist")
@@ -60,5 +75,5 @@ def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptio
             log.info("using %s, exported earlier from %s", target, model)
             return target
         log.info("exporting %s to %s (once; later starts reuse it)", model, target)
-        export_checkpoint(model, target, options)
+        export(model, target, options)
     return target

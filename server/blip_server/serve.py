@@ -21,7 +21,8 @@ from blip_server.errors import BlipServerError, TritonStartError
 from blip_server.export import ExportOptions
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.command import start_gateway
-from blip_server.model_store import resolve_repository
+from blip_server.memory import bound_heap
+from blip_server.model_store import export_in_child, resolve_repository
 from blip_server.repository import read_manifest
 from blip_server.supervisor import TritonSupervisor
 from blip_server.triton import TritonOptions, connect_host
@@ -107,6 +108,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    bound_heap()
     try:
         config = parse_command_line(ServeConfig, argv, prog="blip-serve",
                                     description="Serve BLIP image captioning on Triton.")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # during the export: stop, leaving no partial export behind
     try:
-        repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision))
+        repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision),
+                                        export=export_in_child)
         return asyncio.run(serve(config, repository))
     except (BlipServerError, OSError, ValueError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from blip_server import procfs
 from blip_server.errors import TritonStartError
+from blip_server.memory import MALLOC_ENVIRONMENT
 
 _PR_SET_PDEATHSIG = 1
 # Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
@@ -148,7 +149,7 @@ class EmbeddedTriton:
 
     def _environment(self) -> dict[str, str]:
         _, _, libs = _wheel_paths()
-        env = {**os.environ, **self.options.environment}
+        env = {**MALLOC_ENVIRONMENT, **os.environ, **self.options.environment}
         library_path = [sysconfig.get_config_var("LIBDIR"), str(libs)]
         if env.get("LD_LIBRARY_PATH"):
             library_path.append(env["LD_LIBRARY_PATH"])

@@ -20,6 +20,7 @@ from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.metrics import GatewayMetrics
 from blip_server.gateway.replicas import ReplicaPool, parse_endpoint
 from blip_server.gateway.server import Gateway, create_server, server_credentials
+from blip_server.memory import bound_heap
 
 log = logging.getLogger("blip-gateway")
 
@@ -67,6 +68,7 @@ async def run(config: GatewayConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    bound_heap()
     try:
         config = parse_command_line(GatewayConfig, argv, prog="blip-gateway",
                                     description="The BLIP caption gateway over one or more Triton servers.")

@@ -47,8 +47,8 @@ def open_image(data: bytes) -> Image.Image:
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # corrupt metadata warnings, bomb warnings: the limits below decide
+            warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"the image is too large to decode: {exc}") from None

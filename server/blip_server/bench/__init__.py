@@ -1,0 +1,1 @@
+"""Benchmarks and load: blip-bench, the soak, and the image corpora they send."""

@@ -1,0 +1,169 @@
+"""`blip-bench soak`: minutes of load at a fixed concurrency, a share of it hostile, against blip-serve.
+
+    blip-bench soak --minutes 10 --concurrency 32 --hostile 0.1 --output soak/
+
+Each of `--concurrency` clients captions in a loop: mostly demo scenes and unusual valid files, a `--hostile`
+share of hostile files (bombs, forged headers, truncated, not images; see `corpus`). Every call is accounted
+for: its status code must be the expected one (OK for valid files, the sample's code for hostile ones) and the
+same valid file must always get the same caption. Meanwhile the resident memory (RSS) of every server process
+(blip-serve, tritonserver, each Python-backend stub) is sampled. The report gives calls by code, lost calls,
+unexpected codes, inconsistent captions, throughput, latency, and RSS over time with its growth after the
+warm-up; the command fails if anything was lost or unexpected, or RSS grew more than `--max-rss-growth`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blip_server.bench.corpus import CAPTION, Sample, corpus
+
+
+@dataclass
+class Outcome:
+    sample: str
+    expected: str
+    code: str
+    seconds: float
+    text: str | None = None
+
+
+@dataclass
+class SoakReport:
+    minutes: float
+    concurrency: int
+    hostile_share: float
+    outcomes: list[Outcome] = field(default_factory=list)
+    started_calls: int = 0
+    rss: list[dict] = field(default_factory=list)  # {"t": seconds, "processes": {name: bytes}, "total": bytes}
+    warmup: float = 60.0
+
+    def summary(self) -> dict:
+        codes = Counter(o.code for o in self.outcomes)
+        unexpected = [o for o in self.outcomes if o.code != ("OK" if o.expected == CAPTION else o.expected)]
+        first: dict[str, str] = {}
+        inconsistent = 0
+        for o in self.outcomes:
+            if o.text is not None:
+                inconsistent += first.setdefault(o.sample, o.text) != o.text
+        latencies = sorted(o.seconds for o in self.outcomes if o.code == "OK")
+        return {
+            "minutes": self.minutes,
+            "concurrency": self.concurrency,
+            "hostile_share": self.hostile_share,
+            "calls": len(self.outcomes),
+            "calls_per_second": len(self.outcomes) / (self.minutes * 60),
+            "by_code": dict(sorted(codes.items())),
+            "lost": self.started_calls - len(self.outcomes),
+            "unexpected": len(unexpected),
+            "unexpected_examples": [o.__dict__ for o in unexpected[:10]],
+            "inconsistent_captions": inconsistent,
+            "latency_p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+            "latency_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+            "rss": self.rss_growth(),
+        }
+
+    def rss_growth(self, window: float = 30.0) -> dict:
+        """Median total RSS over the `window` seconds after the warm-up, against the last `window` seconds."""
+        after = [s["total"] for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
+        end_time = self.rss[-1]["t"] if self.rss else 0
+        last = [s["total"] for s in self.rss if s["t"] > end_time - window]
+        if not after or not last:
+            return {}
+        start, end = statistics.median(after), statistics.median(last)
+        per_process = {}
+        for name in self.rss[-1]["processes"]:
+            first = [s["processes"].get(name) for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
+            final = [s["processes"].get(name) for s in self.rss if s["t"] > end_time - window]
+            first, final = [v for v in first if v], [v for v in final if v]
+            if first and final:
+                per_process[name] = {"after_warmup_mb": statistics.median(first) / 2**20,
+                                     "end_mb": statistics.median(final) / 2**20}
+        return {"after_warmup_mb": start / 2**20, "end_mb": end / 2**20, "growth": end / start - 1,
+                "max_mb": max(s["total"] for s in self.rss) / 2**20, "processes": per_process}
+
+
+def _samples(seed: int) -> tuple[dict[str, Sample], dict[str, Sample]]:
+    """(valid, hostile): demo scenes and unusual valid files; the hostile corpus."""
+    from blip_server.demo.scenes import encode, render
+
+    rng = random.Random(seed)
+    everything = corpus(seed=seed)
+    valid = {f"scene_{i}": Sample(encode(render(rng), rng), CAPTION) for i in range(48)}
+    valid.update({name: s for name, s in everything.items() if not s.hostile})
+    return valid, {name: s for name, s in everything.items() if s.hostile}
+
+
+def soak(address: str, memory, minutes: float, concurrency: int, hostile_share: float, seed: int = 0,
+         warmup: float = 60.0, sample_interval: float = 5.0) -> SoakReport:
+    """Load `address` for `minutes`; `memory()` -> {process name: RSS bytes} is sampled every `sample_interval`."""
+    from blip_client import CaptionClient, CaptionError
+
+    valid, hostile = _samples(seed)
+    report = SoakReport(minutes, concurrency, hostile_share, warmup=warmup)
+    lock = threading.Lock()
+    started = time.monotonic()
+    deadline = started + minutes * 60
+
+    def client_loop(worker: int) -> None:
+        rng = random.Random(seed * 1000 + worker)
+        with CaptionClient(address, timeout=300, retry=None) as client:
+            while time.monotonic() < deadline:
+                pool = hostile if rng.random() < hostile_share else valid
+                name = rng.choice(sorted(pool))
+                sample = pool[name]
+                with lock:
+                    report.started_calls += 1
+                t = time.perf_counter()
+                try:
+                    text, code = client.caption(sample.data).captions[0].text, "OK"
+                except CaptionError as error:
+                    text, code = None, error.code.name
+                outcome = Outcome(name, sample.expected, code, time.perf_counter() - t, text)
+                with lock:
+                    report.outcomes.append(outcome)
+
+    workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(concurrency)]
+    for worker in workers:
+        worker.start()
+    while any(w.is_alive() for w in workers):
+        processes = memory()
+        report.rss.append({"t": round(time.monotonic() - started, 1), "processes": processes,
+                           "total": sum(processes.values())})
+        time.sleep(sample_interval)
+    for worker in workers:
+        worker.join(timeout=300)
+    return report
+
+
+def write(report: SoakReport, output: Path) -> dict:
+    output.mkdir(parents=True, exist_ok=True)
+    summary = report.summary()
+    (output / "soak.json").write_text(json.dumps({"summary": summary, "rss": report.rss}, indent=2))
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    rss = summary["rss"]
+    lines = [
+        f"{summary['minutes']:g} minutes at concurrency {summary['concurrency']}, {summary['hostile_share']:.0%} "
+        f"hostile files: {summary['calls']} calls ({summary['calls_per_second']:.1f}/s), "
+        f"lost {summary['lost']}, unexpected codes {summary['unexpected']}, "
+        f"inconsistent captions {summary['inconsistent_captions']}",
+        "",
+        "| code | calls |", "| --- | ---: |",
+        *[f"| {code} | {count} |" for code, count in summary["by_code"].items()],
+    ]
+    if rss:
+        lines += ["", f"RSS of all server processes: {rss['after_warmup_mb']:.0f} MB after the warm-up, "
+                      f"{rss['end_mb']:.0f} MB at the end ({rss['growth']:+.1%}), peak {rss['max_mb']:.0f} MB", "",
+                  "| process | after warm-up MB | end MB |", "| --- | ---: | ---: |",
+                  *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
+                    for name, p in rss["processes"].items()]]
+    return "\n".join(lines)

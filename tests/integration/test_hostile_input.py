@@ -1,0 +1,46 @@
+"""Hostile and unusual files through the real stack, in one concurrent burst with good images: each hostile file
+gets its own error code, each unusual valid file and every good image the caption transformers gives it."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from blip_client import CaptionClient, CaptionError
+from blip_server.bench.corpus import CAPTION, Sample, corpus
+from support import images, reference
+
+GOOD = {f"good_{kind}": Sample(data, CAPTION) for kind, data in images.kinds(seed=71).items()
+        if kind in ("jpeg", "png", "webp", "tiff", "jpeg_exif_rotate_90", "large")}
+
+
+def test_a_burst_of_hostile_unusual_and_good_files_gets_exactly_the_right_answers(service):
+    samples = {**corpus(seed=7), **GOOD}
+    assert sum(s.hostile for s in samples.values()) >= 25 and sum(not s.hostile for s in samples.values()) >= 20
+
+    def send(item):
+        name, sample = item
+        with CaptionClient(service.address, timeout=300, retry=None) as client:
+            try:
+                return name, client.caption(sample.data).captions[0].text
+            except CaptionError as error:
+                return name, error
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = dict(pool.map(send, sorted(samples.items(), key=lambda item: hash(item[0]))))
+
+    wrong = {}
+    for name, sample in samples.items():
+        answer = answers[name]
+        if sample.hostile:
+            if not (isinstance(answer, CaptionError) and answer.code.name == sample.expected):
+                wrong[name] = (sample.expected, answer)
+        else:
+            expected = reference.caption(service.checkpoint, sample.data)[0][0]
+            if answer != expected:
+                wrong[name] = (expected, answer)
+    assert not wrong, wrong
+    messages = {name: answers[name].message for name, sample in samples.items() if sample.hostile}
+    assert "60000000x1; the limit is 20000 pixels a side" in messages["png_line_60000000x1"]
+    assert "8000x8000 = 64000000 pixels; the limit is 50000000" in messages["png_bomb_64_megapixels"]
+    assert "could not decode the PNG image" in messages["png_corrupt_crc"]  # found by preprocess, not the header
+    assert "Traceback" not in " ".join(messages.values())
