@@ -12,7 +12,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
 
 
@@ -55,6 +55,9 @@ class GatewayOptions:
                                          "--max-image-pixels")
     max_concurrent_requests: int = option(256, "images in flight at once before the gateway answers "
                                                "RESOURCE_EXHAUSTED")
+    max_image_bytes_in_flight: int = option(256 * 1024 * 1024, "encoded bytes of the images sent to Triton at once; "
+                                                                "more wait their turn (bounds the memory of bursts of "
+                                                                "large images)")
     stream_window: int = option(16, "images of one CaptionStream in flight at once")
     shutdown_grace: float = option(10.0, "seconds in-flight calls may take to finish on shutdown")
     health_interval: float = option(1.0, "seconds between readiness checks of each Triton replica")
@@ -78,8 +81,8 @@ class ServeConfig(GatewayOptions):
 
     model: Path | None = option(None, "HF checkpoint directory or exported model repository; unset: the demo "
                                       "checkpoint")
-    precision: str = option("fp32", "precision to export a checkpoint at (fp16 needs --device cuda)",
-                            choices=PRECISIONS)
+    precision: str = option("fp32", "precision to export a checkpoint at: fp32 (exact), int8 (faster on CPUs), "
+                                    "fp16 (GPUs; needs --device cuda)", choices=PRECISIONS)
     device: str = option("cpu", "where the encoder and decoder run: cpu, or cuda (an NVIDIA GPU, with "
                                 "onnxruntime-gpu and a CUDA build of torch installed)", choices=DEVICES)
     triton_host: str = option("127.0.0.1", "address Triton binds to (the gateway reaches it on loopback)")

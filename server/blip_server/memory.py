@@ -20,6 +20,14 @@ MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_ARE
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
 
 
+def trim() -> None:
+    """Give the free memory inside the heaps back to the system (glibc's malloc_trim), e.g. after large work."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def bound_heap() -> None:
     """Apply the same settings to this process (on glibc; elsewhere nothing)."""
     try:

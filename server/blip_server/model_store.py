@@ -10,11 +10,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 from blip_server import checkpoint as checkpoint_module
 from blip_server import export as export_module
 from blip_server import model_configs as model_configs_module
+from blip_server import quantize as quantize_module
 from blip_server.checkpoint import check_layout, content_digest
 from blip_server.errors import ExportError, ModelNotFoundError
 from blip_server.export import ExportOptions, export_checkpoint
@@ -33,24 +36,22 @@ def export_fingerprint(options: ExportOptions) -> str:
     template = template_directory()
     sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     sources += sorted(shared_directory().glob("*.py"))
-    sources += [Path(m.__file__) for m in (checkpoint_module, export_module, model_configs_module)]
+    sources += [Path(m.__file__) for m in (checkpoint_module, export_module, model_configs_module, quantize_module)]
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def export_in_child(checkpoint: Path, output: Path, options: ExportOptions) -> None:
-    """export_checkpoint in a short-lived process of its own: torch and transformers, which only the export needs,
-    never load into the long-running server (their memory would stay with it). An interrupt kills the child; a
+    """`blip-export` in a short-lived process of its own: torch and transformers, which only the export needs,
+    never load into the long-running server (their memory would stay with it). An interrupt stops the child; a
     half-written export is never renamed into place and is cleared by the next one."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1, initializer=_log_to_stderr) as pool:
-        pool.apply(export_checkpoint, (checkpoint, output, options))
-
-
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    command = [sys.executable, "-m", "blip_server.export", "--model", str(checkpoint), "--output", str(output),
+               "--precision", options.precision, "--target", options.target]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL)  # its log and errors go to our stderr
+    if result.returncode != 0:
+        raise ExportError(f"exporting {checkpoint} failed (blip-export exited with status {result.returncode}; "
+                          "its message is above)")
 
 
 def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = ExportOptions(),

@@ -62,12 +62,10 @@ class CommandProcess:
         return list(procfs.children(self.process.pid))
 
     def memory(self) -> dict[str, int]:
-        """Resident bytes of this process and every process under it, by a short name (e.g. `stub preprocess`)."""
+        """Memory (PSS: shared pages counted once) of this process and every process under it, by a short name
+        (e.g. `stub preprocess (1234)`)."""
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}
-        named = {}
-        for pid, command in processes.items():
-            named[f"{_short_name(command)} ({pid})"] = procfs.rss_bytes(pid)
-        return named
+        return {f"{_short_name(command)} ({pid})": procfs.pss_bytes(pid) for pid, command in processes.items()}
 
 
 def _short_name(command: str) -> str:

@@ -53,6 +53,18 @@ def group_members(pgid: int) -> list[int]:
     return [pid for pid in _pids() if (fields := _stat(pid)) and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional memory of one process (shared pages divided among the processes sharing them, so that the
+    sum over processes counts Triton's shared-memory pool once), in bytes; its RSS where PSS is not readable."""
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return rss_bytes(pid)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process, in bytes (0 if it is gone)."""
     try:

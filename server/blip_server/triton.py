@@ -142,9 +142,11 @@ class EmbeddedTriton:
             f"--grpc-restricted-protocol={closed}",
             f"--http-restricted-api={closed}",
             *([f"--model-config-name={o.model_config_name}"] if o.model_config_name else []),
-            # Python-backend tensors travel through shared memory; start big enough for a batch of embeddings.
-            "--backend-config=python,shm-default-byte-size=33554432",
-            "--backend-config=python,shm-growth-byte-size=33554432",
+            # Python-backend tensors travel through shared memory. The pool keeps every page it ever touched, and
+            # growing it in small steps scatters large tensors over new pages: start it at 256 MiB (room for the
+            # tensors of dozens of requests in flight) and grow it by 64 MiB when a burst needs more.
+            "--backend-config=python,shm-default-byte-size=268435456",
+            "--backend-config=python,shm-growth-byte-size=67108864",
         ]
 
     def _environment(self) -> dict[str, str]:

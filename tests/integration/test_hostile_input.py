@@ -44,3 +44,17 @@ def test_a_burst_of_hostile_unusual_and_good_files_gets_exactly_the_right_answer
     assert "8000x8000 = 64000000 pixels; the limit is 50000000" in messages["png_bomb_64_megapixels"]
     assert "could not decode the PNG image" in messages["png_corrupt_crc"]  # found by preprocess, not the header
     assert "Traceback" not in " ".join(messages.values())
+
+
+def test_the_soak_command_accounts_for_every_call(service, tmp_path):
+    """A few seconds of `blip-bench soak` against the running service (the full soak is run by hand)."""
+    import json
+
+    from blip_server.bench.cli import main
+
+    assert main(["soak", "--server", service.address, "--minutes", "0.2", "--concurrency", "4", "--hostile", "0.3",
+                 "--warmup", "0", "--output", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "soak.json").read_text())["summary"]
+    assert summary["calls"] > 10 and summary["lost"] == 0 and summary["unexpected"] == 0
+    assert summary["by_code"]["OK"] > 0 and summary["by_code"]["INVALID_ARGUMENT"] > 0
+    assert "lost 0, unexpected codes 0" in (tmp_path / "soak.md").read_text()

@@ -132,3 +132,56 @@ def test_cancelled_items_leave_the_batch(setup):
     assert [[h.tokens for h in r] for r in (results[0], results[2])] == [
         [h.tokens for h in r] for r in (expected[0], expected[2])
     ]
+
+
+def test_requests_joining_and_leaving_a_running_loop_decode_as_if_alone(setup):
+    """In flight: requests join at different steps (taking slots others left, widening the rows per slot when
+    a request with more beams arrives) and leave as they finish; each gets what it gets alone."""
+    from caption_generation import DecodeLoop
+
+    _, processor, _, embeds, decoder = setup
+    plan = [  # (step at which it joins, image, prompt, options)
+        (0, 0, None, GenerationOptions(num_beams=1, min_new_tokens=0, max_new_tokens=4)),
+        (0, 1, "a picture of", GenerationOptions(num_beams=3, min_new_tokens=8, max_new_tokens=12)),
+        (1, 2, None, GenerationOptions(num_beams=1, do_sample=True, seed=3, num_return_sequences=2, top_p=0.9)),
+        (3, 0, "a picture of", GenerationOptions(num_beams=5, num_return_sequences=2, no_repeat_ngram_size=2)),
+        (5, 1, None, GenerationOptions(num_beams=3, do_sample=True, seed=11, repetition_penalty=1.4)),
+        (6, 2, None, GenerationOptions(num_beams=1, min_new_tokens=2, max_new_tokens=3)),
+        (14, 0, None, GenerationOptions()),
+    ]
+    loop = DecodeLoop(decoder, columns=64)
+    results, step, width_seen = {}, 0, set()
+    while step <= max(p[0] for p in plan) or len(loop):
+        for key, (at, image, prompt, options) in enumerate(plan):
+            if at == step:
+                loop.add(key, embeds[image], _prompt_ids(processor, decoder, prompt), options)
+        results.update(loop.step())
+        width_seen.add(loop.cache.width)
+        step += 1
+    assert width_seen >= {3, 5} and sorted(results) == list(range(len(plan)))
+    for key, (_, image, prompt, options) in enumerate(plan):
+        alone = generate(decoder, embeds[image : image + 1], [_prompt_ids(processor, decoder, prompt)], [options])[0]
+        assert [h.tokens for h in results[key]] == [h.tokens for h in alone], key
+        assert [h.score for h in results[key]] == pytest.approx([h.score for h in alone], rel=1e-6, abs=1e-5)
+
+
+def test_a_slot_left_by_a_cancelled_request_is_reused_cleanly(setup):
+    from caption_generation import DecodeLoop
+
+    _, processor, _, embeds, decoder = setup
+    bos = [decoder.config.bos_token_id]
+    options = GenerationOptions(num_beams=2, min_new_tokens=6, max_new_tokens=6, repetition_penalty=1.3)
+    loop = DecodeLoop(decoder, columns=32)
+    loop.add("a", embeds[0], bos, options)
+    loop.add("b", embeds[1], bos, options)
+    for _ in range(3):
+        assert loop.step() == {}
+    loop.cancel("a")
+    loop.add("c", embeds[2], bos, options)  # takes a's slot, whose rows held a's tokens
+    results = {}
+    while len(loop):
+        results.update(loop.step())
+    assert sorted(results) == ["b", "c"]
+    for key, image in (("b", 1), ("c", 2)):
+        alone = generate(decoder, embeds[image : image + 1], [bos], [options])[0]
+        assert [h.tokens for h in results[key]] == [h.tokens for h in alone]

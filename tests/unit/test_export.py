@@ -13,6 +13,8 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from blip_server import export as export_module
+from blip_server import quantize as quantize_module
+from blip_server.quantize import encoder_cosine
 from blip_server.errors import ExportError
 from blip_server.export import ExportOptions, export_checkpoint, main
 from blip_server.repository import MANIFEST, parse_config
@@ -46,7 +48,7 @@ def test_the_repository_holds_what_the_checkpoint_says(checkpoints, repositories
 
     decoder = BlipTextDecoder.from_directory(repository / "text_decoder" / "1")
     assert decoder.config.vocab_size == text.vocab_size and decoder.config.bos_token_id == text.bos_token_id
-    assert torch.equal(decoder.lm_w, model.text_decoder.cls.predictions.decoder.weight)
+    assert torch.equal(decoder.lm.w_t.t(), model.text_decoder.cls.predictions.decoder.weight)
 
 
 def test_the_onnx_encoder_matches_pytorch_for_any_batch_size(checkpoints, repositories):
@@ -123,14 +125,14 @@ def test_an_fp16_encoder_is_close_to_fp32_and_the_gpu_decoder_runs_fp16(tmp_path
     with torch.inference_mode():
         expected = model.vision_model(pixel_values=pixels).last_hidden_state.numpy()
     actual = session.run(None, {"PIXEL_VALUES": pixels.numpy()})[0]
-    assert export_module.encoder_cosine(actual, expected) >= 0.999
+    assert encoder_cosine(actual, expected) >= 0.999
     assert json.loads((tmp_path / "repo" / MANIFEST).read_text())["precision"] == "fp16"
     decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
     assert decoder.parameters["dtype"].string_value == "float16"
 
 
 def test_an_fp16_encoder_far_from_fp32_is_refused(checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "encoder_cosine", lambda actual, expected: 0.98)
+    monkeypatch.setattr(quantize_module, "encoder_cosine", lambda actual, expected: 0.98)
     with pytest.raises(ExportError, match=r"cosine similarity of 0.98000 .*\(at least 0.999 needed\)"):
         export_checkpoint(checkpoints["standard"], tmp_path / "out", ExportOptions(precision="fp16"))
     assert not (tmp_path / "out").exists()

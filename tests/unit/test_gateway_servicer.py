@@ -351,3 +351,37 @@ def test_the_sdk_retries_unavailable_within_its_policy(served):
     assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 6
     with pytest.raises(ValueError, match="max_attempts must be 1 to 5"):
         RetryPolicy(max_attempts=6)
+
+
+def test_large_images_wait_for_room_in_the_bytes_in_flight_budget():
+    captioner = FakeCaptioner(GatewayLimits(max_image_bytes_in_flight=len(IMAGE) + 10))
+    gateway = BackgroundGateway(captioner)
+    try:
+        results = []
+
+        def slow():
+            with CaptionClient(gateway.address) as client:
+                results.append(client.caption(IMAGE, prompt="slow").text)
+
+        first = threading.Thread(target=slow)
+        first.start()
+        for _ in range(100):
+            if captioner.seen:
+                break
+            threading.Event().wait(0.05)
+        assert captioner.bytes_in_flight == len(IMAGE)
+        with CaptionClient(gateway.address, retry=None) as client:
+            with pytest.raises(client_errors.DeadlineExceededError):  # no room: it waits, then its deadline passes
+                client.caption(IMAGE, prompt="second", timeout=0.5)
+            waiting = threading.Thread(target=lambda: results.append(client.caption(IMAGE, prompt="third").text))
+            waiting.start()
+            threading.Event().wait(0.3)
+            assert len(captioner.seen) == 1  # the third waits too
+            gateway.call(_release(captioner))
+            first.join(10)
+            waiting.join(10)
+        assert sorted(r.split()[0] for r in results) == ["slow", "third"]
+        assert captioner.bytes_in_flight == 0
+    finally:
+        gateway.call(_release(captioner))
+        gateway.stop()

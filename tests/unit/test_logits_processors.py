@@ -20,10 +20,10 @@ def _rows(seed=0, count=6, lengths=(1, 3, 5, 8, 8, 12)):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(count, VOCAB, generator=g) * 3
     histories = [torch.randint(0, 3, (n,), generator=g) for n in lengths]  # few ids: many repeats
-    width = max(lengths)
-    padded = torch.full((count, width), VOCAB, dtype=torch.long)  # left padding with the out-of-vocab id
+    width = max(lengths) + 2
+    padded = torch.full((count, width), VOCAB, dtype=torch.long)  # from column 0, then the out-of-vocab id
     for row, h in enumerate(histories):
-        padded[row, width - len(h):] = h
+        padded[row, : len(h)] = h
     return scores, histories, padded
 
 
@@ -40,7 +40,8 @@ def test_repetition_penalty():
 def test_no_repeat_ngram(n):
     scores, histories, padded = _rows(seed=n)
     rows = [i for i, h in enumerate(histories) if len(h) >= n]  # the caller only asks for rows long enough
-    ours = ban_repeated_ngrams(scores[rows].clone(), padded[rows], n)
+    lengths = torch.tensor([len(histories[i]) for i in rows])
+    ours = ban_repeated_ngrams(scores[rows].clone(), padded[rows], lengths, n)
     for out, row in zip(ours, rows):
         expected = NoRepeatNGramLogitsProcessor(n)(histories[row][None], scores[row : row + 1].clone())
         assert torch.equal(out[None], expected)

@@ -33,7 +33,7 @@ def test_config_parses_and_batches_dynamically(path: Path):
     assert config.name == path.parent.name
     assert config.max_batch_size > 0
     if config.platform != "ensemble":
-        assert config.HasField("dynamic_batching")
+        assert config.HasField("dynamic_batching") or config.sequence_batching.iterative_sequence
         assert (path.parent / "1" / "model.py").is_file()
 
 

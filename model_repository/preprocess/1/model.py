@@ -16,8 +16,10 @@ Limits come from the config's parameters; `BLIP_MAX_IMAGE_PIXELS`, `BLIP_MAX_IMA
 `BLIP_MAX_PROMPT_BYTES` in Triton's environment override them (`blip-serve` passes its flags that way).
 """
 
+import ctypes
 import json
 import os
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,9 @@ import triton_python_backend_utils as pb_utils
 from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
 from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 class _BadRequest(Exception):
@@ -60,6 +65,7 @@ class TritonPythonModel:
         self.limits = from_parameters(GenerationLimits, params, "limit_")
         threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+        self._trimmed_at = time.monotonic()
 
     def execute(self, requests):
         jobs = []
@@ -89,7 +95,15 @@ class TritonPythonModel:
                 continue
             names = ("PIXEL_VALUES", "PROMPT_IDS", "GENERATION_OPTIONS")
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
+        self._trim()
         return responses
+
+    def _trim(self) -> None:
+        """Once a second at most, give the heaps' free memory back: decoding images of every size fragments them,
+        and without this the process keeps the high-water mark of its busiest moment."""
+        if time.monotonic() - self._trimmed_at >= 1.0:
+            _LIBC.malloc_trim(0)
+            self._trimmed_at = time.monotonic()
 
     def _prepare(self, images: list, prompts: list, options: dict[str, list]):
         count = len(images)

@@ -1,25 +1,27 @@
-"""Batched caption generation: beam search, greedy decoding and sampling over `BlipTextDecoder`.
+"""In-flight caption generation: beam search, greedy decoding and sampling over `BlipTextDecoder`.
 
-Every request of a batch is decoded in one loop even when their options differ. Requests with the same
-strategy and the same number of rows form a group whose selection step is vectorised; the decoder forward is
-shared by all groups. A request leaves the batch as soon as it is finished.
+A `DecodeLoop` holds every request being decoded. Each `step()` admits the requests added since the last step
+(their prompts are fed in one prefill), runs one decoder forward for every row in flight, selects each
+request's next tokens, and hands back the requests that finished: a request joins at the next step and leaves
+as soon as it is done, so a short caption never waits behind a long one.
 
-The selection logic mirrors `transformers.GenerationMixin._beam_search` and `_sample` (transformers 5.23)
-step for step, including the order of logits processors (repetition penalty, no-repeat n-gram, min new
-tokens, then temperature, top-k, top-p when sampling), the length normalisation of finished hypotheses and
-the early-stopping heuristic, so that the same checkpoint, options and image give the same captions.
+Requests with the same strategy and number of rows form a group whose selection is vectorised over its
+requests (each at its own step); the decoder forward is shared by all groups. The selection mirrors
+`transformers.GenerationMixin._beam_search` and `_sample` (transformers 5.23) step for step, including the
+order of logits processors (repetition penalty, no-repeat n-gram, min new tokens, then temperature, top-k, top-p
+when sampling), the length normalisation of finished hypotheses and the early-stopping heuristic, so that the
+same checkpoint, options and image give the same captions, whatever else is in flight.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 
-from blip_text_decoder import BlipTextDecoder, Segment, SelfAttentionCache
+from blip_text_decoder import BlipTextDecoder
 from generation_options import GenerationOptions
 from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter
 
@@ -34,177 +36,208 @@ class Hypothesis:
     score: float
 
 
-class _Group:
-    """Requests that share a strategy and a row count, each owning `n` consecutive rows of the batch."""
-
-    def __init__(self, requests: list[int], options: list[GenerationOptions], prompts: list[list[int]],
-                 rows_per_request: int, eos: int, device):
-        self.requests = requests
-        self.options = options
-        self.prompts = prompts
-        self.n = rows_per_request
-        self.eos = eos
-        self.device = device
-        self.sampling = options[0].do_sample
-        self.generators = []
-        if self.sampling:
-            for o in options:
-                g = torch.Generator(device=device)
-                g.manual_seed(o.seed if o.seed is not None else int.from_bytes(os.urandom(7), "little"))
-                self.generators.append(g)
-        self._derive()
-
-    def _derive(self) -> None:
-        """Tensors of the requests' options, rebuilt whenever requests leave."""
-        self.max_new = torch.tensor([o.max_new_tokens for o in self.options], device=self.device)
-        self.repetition_penalty = self._per_row([float(o.repetition_penalty) for o in self.options], torch.float32)
-        self.temperature = self._per_row([float(o.temperature) for o in self.options], torch.float32)
+@dataclass
+class _Request:
+    key: Hashable
+    options: GenerationOptions
+    prompt: list[int]
+    slot: int = -1
+    generator: torch.Generator | None = None
 
     @property
-    def rows(self) -> int:
-        return len(self.requests) * self.n
+    def n(self) -> int:
+        return self.options.rows
 
-    def keep(self, keep: list[bool]) -> None:
-        """Drop the requests whose entry is False."""
-        idx = [i for i, k in enumerate(keep) if k]
-        rows = torch.tensor([i * self.n + j for i in idx for j in range(self.n)], dtype=torch.long, device=self.device)
-        req = torch.tensor(idx, dtype=torch.long, device=self.device)
-        self.requests = [self.requests[i] for i in idx]
-        self.options = [self.options[i] for i in idx]
-        self.prompts = [self.prompts[i] for i in idx]
-        self.generators = [self.generators[i] for i in idx] if self.generators else []
+
+def _append(state, new: dict[str, torch.Tensor], padded: tuple[str, ...]) -> None:
+    """Append the state of joining requests to `state`'s tensors; those in `padded` widen to the new width."""
+    for name, tensor in new.items():
+        old = getattr(state, name, None)
+        if old is not None and name in padded and old.shape[-1] < tensor.shape[-1]:
+            old = torch.nn.functional.pad(old, (0, tensor.shape[-1] - old.shape[-1]))
+        setattr(state, name, tensor if old is None else torch.cat([old, tensor]))
+
+
+class _Group:
+    """Requests that share a strategy and a row count n; each request owns n rows of the cache."""
+
+    def __init__(self, n: int, sampling: bool, eos: int, device):
+        self.n, self.sampling, self.eos, self.device = n, sampling, eos, device
+        self.requests: list[_Request] = []
+        self.steps = torch.zeros(0, dtype=torch.long, device=device)  # tokens selected so far, per request
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)
+        self.width = 1  # columns of the per-request token buffers: the largest max_new_tokens
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    # -- membership: tensors of the requests' options and state, changed only when requests join or leave ----
+
+    def add(self, requests: list[_Request]) -> None:
+        self.requests += requests
+        self.width = max([self.width] + [r.options.max_new_tokens for r in requests])
+        self.steps = torch.cat([self.steps, torch.zeros(len(requests), dtype=torch.long, device=self.device)])
+        self.slots = torch.cat([self.slots, torch.tensor([r.slot for r in requests], device=self.device)])
         self._derive()
-        self._keep_state(req, rows)
+        self._add_state(len(requests))
 
-    def _keep_state(self, req: torch.Tensor, rows: torch.Tensor) -> None:
+    def keep(self, keep: torch.Tensor) -> None:
+        """Drop the requests whose entry of the bool tensor `keep` is False."""
+        idx = keep.nonzero().squeeze(1)
+        self.requests = [self.requests[i] for i in idx.tolist()]
+        self.steps = self.steps[idx]
+        self.slots = self.slots[idx]
+        self._derive()
+        self._keep_state(idx)
+
+    def rows(self, width: int) -> torch.Tensor:
+        """The cache rows of the group's requests, request by request."""
+        return (self.slots[:, None] * width + torch.arange(self.n, device=self.device)[None, :]).reshape(-1)
+
+    def _derive(self) -> None:
+        options = [r.options for r in self.requests]
+
+        def per_request(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        self.max_new = per_request([o.max_new_tokens for o in options])
+        self.min_new = per_request([o.min_new_tokens for o in options])
+        self.prompt_len = per_request([len(r.prompt) for r in self.requests])
+        self.ngram = per_request([o.no_repeat_ngram_size for o in options])
+        self.ngram_sizes = sorted({o.no_repeat_ngram_size for o in options} - {0})
+        self.length_penalty = per_request([float(o.length_penalty) for o in options], torch.float64)
+        self.repetition_penalty = self._rows(per_request([float(o.repetition_penalty) for o in options], torch.float32))
+        self.penalised = bool((self.repetition_penalty != 1.0).any())
+        self.temperature = self._rows(per_request([float(o.temperature) for o in options], torch.float32))
+        self.top_k = self._rows(per_request([o.top_k for o in options]))
+        self.top_p = self._rows(per_request([1.0 - float(o.top_p) for o in options], torch.float32))
+        self.nucleus = self._rows(per_request([o.top_p < 1.0 for o in options], torch.bool))
+        self.generators = [r.generator for r in self.requests]
+
+    def _rows(self, values: torch.Tensor) -> torch.Tensor:
+        return values.repeat_interleave(self.n)
+
+    def _add_state(self, count: int) -> None:
+        raise NotImplementedError
+
+    def _keep_state(self, idx: torch.Tensor) -> None:
         raise NotImplementedError
 
     # -- logits processors, in transformers' order -----------------------------------------------------------
 
-    def process(self, scores: torch.Tensor, history: torch.Tensor, step: int, min_tokens_to_keep: int):
-        """scores [rows, V]; history [rows, T] = left-padded prompt + generated tokens, pads = V."""
-        if bool((self.repetition_penalty != 1.0).any()):
+    def process(self, scores: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, min_tokens_to_keep: int):
+        """scores [rows, V]; history [rows, T] from column 0 (vocab_size past each row's length)."""
+        if self.penalised:
             scores = penalise_repetitions(scores, history, self.repetition_penalty)
-        for n in sorted({o.no_repeat_ngram_size for o in self.options} - {0}):
-            rows = self._rows_where(lambda i: self.options[i].no_repeat_ngram_size == n and len(self.prompts[i]) + step >= n)
-            if rows is not None:
-                scores[rows] = ban_repeated_ngrams(scores[rows], history[rows], n)
-        rows = self._rows_where(lambda i: step < self.options[i].min_new_tokens)
-        if rows is not None:
-            scores[rows, self.eos] = -float("inf")
+        for n in self.ngram_sizes:
+            rows = self._rows((self.ngram == n) & (self.prompt_len + self.steps >= n)).nonzero().squeeze(1)
+            if len(rows):
+                scores[rows] = ban_repeated_ngrams(scores[rows], history[rows], lengths[rows], n)
+        early = self._rows(self.steps < self.min_new)
+        scores[:, self.eos] = torch.where(early, -float("inf"), scores[:, self.eos])
         if self.sampling:
             scores = scores / self.temperature[:, None]
-            top_k = [o.top_k for o in self.options]
-            scores = top_k_filter(scores, self._per_row([max(k, min_tokens_to_keep) if k else 0 for k in top_k]))
-            rows = self._rows_where(lambda i: self.options[i].top_p < 1.0)
-            if rows is not None:
-                threshold = self._per_row([1.0 - float(o.top_p) for o in self.options], torch.float32)[rows]
-                scores[rows] = top_p_filter(scores[rows], threshold, min_tokens_to_keep)
+            k = self.top_k
+            scores = top_k_filter(scores, torch.where(k > 0, k.clamp(min=min_tokens_to_keep), k))
+            rows = self.nucleus.nonzero().squeeze(1)
+            if len(rows):
+                scores[rows] = top_p_filter(scores[rows], self.top_p[rows], min_tokens_to_keep)
         return scores
-
-    def _per_row(self, values: list, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device).repeat_interleave(self.n)
-
-    def _rows_where(self, predicate) -> torch.Tensor | None:
-        rows = [i * self.n + j for i in range(len(self.requests)) if predicate(i) for j in range(self.n)]
-        if not rows:
-            return None
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
 
 class _SampleGroup(_Group):
     """Greedy decoding (one row) or multinomial sampling (num_return_sequences independent rows)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        rows = self.rows
-        self.unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
-        self.sum_logprobs = torch.zeros(rows, dtype=torch.float32, device=self.device)
-        self.generated = torch.zeros((rows, int(self.max_new.max())), dtype=torch.long, device=self.device)
-        self.length = torch.zeros(rows, dtype=torch.long, device=self.device)
+    def _add_state(self, count: int) -> None:
+        rows, dev = count * self.n, self.device
+        new = {
+            "unfinished": torch.ones(rows, dtype=torch.bool, device=dev),
+            "sum_logprobs": torch.zeros(rows, device=dev),
+            "length": torch.zeros(rows, dtype=torch.long, device=dev),
+            "generated": torch.zeros((rows, self.width), dtype=torch.long, device=dev),
+        }
+        _append(self, new, padded=("generated",))
 
-    def _keep_state(self, req, rows):
-        self.unfinished = self.unfinished[rows]
-        self.sum_logprobs = self.sum_logprobs[rows]
-        self.generated = self.generated[rows]
-        self.length = self.length[rows]
+    def _keep_state(self, idx: torch.Tensor) -> None:
+        rows = (idx[:, None] * self.n + torch.arange(self.n, device=self.device)).reshape(-1)
+        self.unfinished, self.sum_logprobs = self.unfinished[rows], self.sum_logprobs[rows]
+        self.generated, self.length = self.generated[rows], self.length[rows]
 
-    def step(self, logits: torch.Tensor, history: torch.Tensor, step: int):
-        scores = self.process(logits, history, step, min_tokens_to_keep=1)
+    def step(self, logits: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor):
+        """-> (next token per row, None: rows keep their order, done per request)."""
+        scores = self.process(logits, history, lengths, min_tokens_to_keep=1)
         if self.sampling:
             probs = torch.softmax(scores, dim=-1).view(len(self.requests), self.n, -1)
-            tokens = torch.cat([
-                torch.multinomial(probs[i], num_samples=1, generator=g).squeeze(1)
-                for i, g in enumerate(self.generators)
-            ])
+            tokens = torch.cat([torch.multinomial(probs[i], num_samples=1, generator=g).squeeze(1)
+                                for i, g in enumerate(self.generators)])
         else:
             tokens = torch.argmax(scores, dim=-1)
         logprob = scores.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
         live = self.unfinished
-        self.generated[live, step] = tokens[live]
+        column = self._rows(self.steps)
+        self.generated.scatter_(1, column[:, None], torch.where(live, tokens, self.generated.gather(1, column[:, None])
+                                                                 .squeeze(1))[:, None])
         self.length += live.long()
         self.sum_logprobs += torch.where(live, logprob, torch.zeros_like(logprob))
-        at_max = (step + 1 >= self.max_new).repeat_interleave(self.n)
+        at_max = self._rows(self.steps + 1 >= self.max_new)
         self.unfinished = live & ~(tokens == self.eos) & ~at_max
+        self.steps += 1
         done = ~self.unfinished.view(len(self.requests), self.n).any(dim=1)
-        return tokens, None, done.tolist()
+        return tokens, None, done
 
     def results(self, i: int) -> list[Hypothesis]:
         out = []
+        request = self.requests[i]
         for j in range(i * self.n, (i + 1) * self.n):
             length = int(self.length[j])
-            score = float(self.sum_logprobs[j]) / (length ** float(self.options[i].length_penalty))
-            out.append(Hypothesis(self.prompts[i] + self.generated[j, :length].tolist(), score))
+            score = float(self.sum_logprobs[j]) / (length ** float(request.options.length_penalty))
+            out.append(Hypothesis(request.prompt + self.generated[j, :length].tolist(), score))
         return sorted(out, key=lambda h: -h.score)
 
 
 class _BeamGroup(_Group):
     """Beam search (and beam sampling) as in transformers' vectorised `_beam_search`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        r, n, m = len(self.requests), self.n, int(self.max_new.max())
-        dev = self.device
-        self.running_scores = torch.zeros((r, n), dtype=torch.float32, device=dev)
-        self.running_scores[:, 1:] = _NEG
-        self.running = torch.zeros((r, n, m), dtype=torch.long, device=dev)
-        self.finished_scores = torch.full((r, n), _NEG, dtype=torch.float32, device=dev)
-        self.finished = torch.zeros((r, n, m), dtype=torch.long, device=dev)
-        self.finished_length = torch.zeros((r, n), dtype=torch.long, device=dev)
-        self.is_finished = torch.zeros((r, n), dtype=torch.bool, device=dev)
-        self.improvable = torch.ones((r, 1), dtype=torch.bool, device=dev)
+    def _add_state(self, count: int) -> None:
+        r, n, m, dev = count, self.n, self.width, self.device
+        new = {
+            "running_scores": torch.cat([torch.zeros((r, 1), device=dev), torch.full((r, n - 1), _NEG, device=dev)], 1),
+            "running": torch.zeros((r, n, m), dtype=torch.long, device=dev),
+            "finished_scores": torch.full((r, n), _NEG, device=dev),
+            "finished": torch.zeros((r, n, m), dtype=torch.long, device=dev),
+            "finished_length": torch.zeros((r, n), dtype=torch.long, device=dev),
+            "is_finished": torch.zeros((r, n), dtype=torch.bool, device=dev),
+            "improvable": torch.ones((r, 1), dtype=torch.bool, device=dev),
+        }
+        _append(self, new, padded=("running", "finished"))
         self.top_n_mask = torch.arange(2 * n, device=dev) < n
 
-    def _keep_state(self, req, rows):
-        self.running_scores = self.running_scores[req]
-        self.running = self.running[req]
-        self.finished_scores = self.finished_scores[req]
-        self.finished = self.finished[req]
-        self.finished_length = self.finished_length[req]
-        self.is_finished = self.is_finished[req]
-        self.improvable = self.improvable[req]
+    def _keep_state(self, idx: torch.Tensor) -> None:
+        for name in ("running_scores", "running", "finished_scores", "finished", "finished_length", "is_finished",
+                     "improvable"):
+            setattr(self, name, getattr(self, name)[idx])
 
-    def step(self, logits: torch.Tensor, history: torch.Tensor, step: int):
+    def step(self, logits: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor):
+        """-> (next token per row, source row of each row within the group, done per request)."""
         r, n = len(self.requests), self.n
         vocab = logits.shape[-1]
         log_probs = torch.log_softmax(logits, dim=-1)
-        log_probs = self.process(log_probs, history, step, min_tokens_to_keep=2)
+        log_probs = self.process(log_probs, history, lengths, min_tokens_to_keep=2)
         accumulated = (log_probs.view(r, n, vocab) + self.running_scores[:, :, None]).view(r, n * vocab)
 
         k = 2 * n
         if self.sampling:
             probs = torch.softmax(accumulated, dim=-1)
-            top_idx = torch.stack([
-                torch.multinomial(probs[i], num_samples=k, generator=g) for i, g in enumerate(self.generators)
-            ])
+            top_idx = torch.stack([torch.multinomial(probs[i], num_samples=k, generator=g)
+                                   for i, g in enumerate(self.generators)])
             top_lp = accumulated.gather(1, top_idx)
         else:
             top_lp, top_idx = torch.topk(accumulated, k=k)
         top_beam = top_idx // vocab
         top_token = top_idx % vocab
         candidates = self.running.gather(1, top_beam[:, :, None].expand(-1, -1, self.running.shape[2])).clone()
-        candidates[:, :, step] = top_token
-        hits = (top_token == self.eos) | (step + 1 >= self.max_new)[:, None]
+        candidates.scatter_(2, self.steps[:, None, None].expand(-1, k, 1), top_token[:, :, None])
+        hits = (top_token == self.eos) | (self.steps + 1 >= self.max_new)[:, None]
 
         # e. the best num_beams candidates that did not finish continue
         running_lp = top_lp + hits.to(torch.float32) * _NEG
@@ -215,13 +248,13 @@ class _BeamGroup(_Group):
 
         # f. finished candidates among the top num_beams enter the finished set if they beat it
         just_finished = hits & self.top_n_mask[None, :]
-        divisor = torch.tensor([float(step + 1) ** float(o.length_penalty) for o in self.options], device=self.device)
+        divisor = ((self.steps + 1).double() ** self.length_penalty).float()
         finished_lp = top_lp / divisor[:, None]
         finished_lp = finished_lp + (~self.improvable).to(torch.float32) * _NEG
         finished_lp = finished_lp + (~just_finished) * _NEG
         merged_scores = torch.cat((self.finished_scores, finished_lp), dim=1)
         merged = torch.cat((self.finished, candidates), dim=1)
-        merged_length = torch.cat((self.finished_length, torch.full_like(top_beam, step + 1)), dim=1)
+        merged_length = torch.cat((self.finished_length, (self.steps + 1)[:, None].expand(-1, k)), dim=1)
         merged_is_finished = torch.cat((self.is_finished, just_finished), dim=1)
         best = torch.topk(merged_scores, k=n)[1]
         self.finished = merged.gather(1, best[:, :, None].expand(-1, -1, merged.shape[2]))
@@ -231,24 +264,184 @@ class _BeamGroup(_Group):
 
         # g. can a running beam still beat the worst finished one?
         best_running = self.running_scores[:, :1] / divisor[:, None]
-        worst_finished = torch.where(
-            self.is_finished, torch.min(self.finished_scores, dim=1, keepdim=True)[0], _NEG
-        )
+        worst_finished = torch.where(self.is_finished, torch.min(self.finished_scores, dim=1, keepdim=True)[0], _NEG)
         self.improvable = self.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
         done = ~self.improvable.squeeze(1) | hits.all(dim=1)
 
-        tokens = self.running[:, :, step].reshape(-1)
-        source_rows = (source_beam + torch.arange(r, device=self.device)[:, None] * n).reshape(-1)
-        return tokens, source_rows, done.tolist()
+        tokens = self.running.gather(2, self.steps[:, None, None].expand(-1, n, 1)).reshape(-1)
+        sources = (source_beam + torch.arange(r, device=self.device)[:, None] * n).reshape(-1)
+        self.steps += 1
+        return tokens, sources, done
 
     def results(self, i: int) -> list[Hypothesis]:
+        request = self.requests[i]
         return [
-            Hypothesis(
-                self.prompts[i] + self.finished[i, j, : int(self.finished_length[i, j])].tolist(),
-                float(self.finished_scores[i, j]),
-            )
-            for j in range(self.options[i].num_return_sequences)
+            Hypothesis(request.prompt + self.finished[i, j, : int(self.finished_length[i, j])].tolist(),
+                       float(self.finished_scores[i, j]))
+            for j in range(request.options.num_return_sequences)
         ]
+
+
+@dataclass
+class StepStats:
+    """What the last step did: rows decoded, requests in flight, requests admitted and finished."""
+
+    rows: int = 0
+    requests: int = 0
+    admitted: int = 0
+    finished: int = 0
+
+
+class DecodeLoop:
+    """Every request being captioned, decoded together one step at a time; requests join and leave any step."""
+
+    def __init__(self, decoder: BlipTextDecoder, columns: int):
+        """`columns`: the longest sequence a request may reach (prompt tokens + max_new_tokens)."""
+        self.decoder = decoder
+        self.device = decoder.device
+        self.cache = decoder.new_cache(columns)
+        self.columns = columns
+        self.requests: dict[Hashable, _Request] = {}
+        self.groups: dict[tuple, _Group] = {}
+        self._queue: list[tuple[_Request, torch.Tensor]] = []
+        self._free: list[int] = []
+        self._used = 0  # slots [0, _used) are decoded
+        self._live = torch.zeros(0, dtype=torch.long, device=self.device)  # 1 for rows of a request, per row
+        self.stats = StepStats()
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self._queue)
+
+    def add(self, key: Hashable, image_embeds: torch.Tensor, prompt: list[int], options: GenerationOptions) -> None:
+        """Admit a request at the next step: image_embeds [L, E]; prompt starts with BOS; options validated."""
+        if len(prompt) + options.max_new_tokens > self.columns:
+            raise ValueError(f"a prompt of {len(prompt)} tokens and {options.max_new_tokens} new tokens do not fit "
+                             f"{self.columns} columns")
+        if key in self.requests or any(r.key == key for r, _ in self._queue):
+            raise ValueError(f"request {key!r} is already being decoded")
+        generator = None
+        if options.do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(options.seed if options.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        self._queue.append((_Request(key, options, list(prompt), generator=generator), image_embeds))
+
+    def cancel(self, key: Hashable) -> None:
+        """Stop decoding a request (queued or in flight); its rows are free at the next step."""
+        self._queue = [(r, e) for r, e in self._queue if r.key != key]
+        request = self.requests.get(key)
+        if request is not None:
+            with torch.inference_mode():
+                group = self._group_of(request)
+                group.keep(torch.tensor([r is not request for r in group.requests], device=self.device))
+                self._leave(request)
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def step(self) -> dict[Hashable, list[Hypothesis]]:
+        """Admit the queued requests, decode one token for every request in flight; returns those that finished."""
+        with torch.inference_mode():
+            queued = self._place()
+            rows = self._used * self.cache.width
+            logits = torch.empty((rows, self.decoder.config.vocab_size), device=self.device)
+            if self.requests:  # one forward for every row in flight
+                logits = self.decoder.decode(self.cache, rows, self.cache.image_tokens)
+                self.cache.lengths[:rows] *= self._live[:rows]  # rows without a request stay empty
+            if queued:  # the new requests' prompts, in one prefill
+                admitted_rows, prefill_logits = self._prefill(queued)
+                logits[admitted_rows] = prefill_logits
+            self.stats = StepStats(rows=int(self._live.sum()), requests=len(self.requests), admitted=len(queued))
+            finished = self._select(logits, rows)
+        self.stats.finished = len(finished)
+        return finished
+
+    def _place(self) -> list[tuple[_Request, torch.Tensor]]:
+        """Give each queued request a slot and make room for it (its rows stay empty until the prefill)."""
+        queued, self._queue = self._queue, []
+        for request, _ in queued:
+            request.slot = self._free.pop(0) if self._free else self._used
+            self._used = max(self._used, request.slot + 1)
+        if queued:
+            width = max([self.cache.width] + [r.n for r in self.requests.values()] + [r.n for r, _ in queued])
+            self.cache.ensure(self._used, width, max(embeds.shape[0] for _, embeds in queued))
+            self._live = self._live_rows()
+        return queued
+
+    def _prefill(self, queued) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new requests' images, feed their prompts; -> (their rows, the logits of each row)."""
+        requests = [r for r, _ in queued]
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        self.decoder.store_images(self.cache, slots, torch.stack([e for _, e in queued]))
+        logits = self.decoder.prefill(self.cache, slots, [r.prompt for r in requests], self.cache.image_tokens)
+        counts = torch.tensor([r.n for r in requests], device=self.device)
+        first = torch.repeat_interleave(slots * self.cache.width, counts)
+        rows = first + torch.cat([torch.arange(r.n, device=self.device) for r in requests])
+        # Every row of a request starts from its prompt's state: the first row's, copied.
+        columns = max(len(r.prompt) for r in requests)
+        self.cache.kv[:columns, :, rows] = self.cache.kv[:columns, :, first]
+        self.cache.tokens[rows] = self.cache.tokens[first]
+        self.cache.lengths[rows] = self.cache.lengths[first]
+        self._live[rows] = 1
+        for request in requests:
+            self.requests[request.key] = request
+            key = (request.options.num_beams > 1, request.options.do_sample, request.n)
+            if key not in self.groups:
+                group_type = _BeamGroup if key[0] else _SampleGroup
+                self.groups[key] = group_type(request.n, request.options.do_sample,
+                                              self.decoder.config.eos_token_id, self.device)
+            self.groups[key].add([request])
+        return rows, logits[torch.repeat_interleave(torch.arange(len(requests), device=self.device), counts)]
+
+    def _select(self, logits: torch.Tensor, rows: int) -> dict[Hashable, list[Hypothesis]]:
+        order = None
+        finished: dict[Hashable, list[Hypothesis]] = {}
+        columns = int(self.cache.lengths[:rows].max()) if rows else 0
+        history = self.cache.tokens[:rows, : max(columns, 1)]
+        lengths = self.cache.lengths[:rows]
+        for group in [g for g in self.groups.values() if len(g)]:
+            group_rows = group.rows(self.cache.width)
+            tokens, sources, done = group.step(logits[group_rows], history[group_rows], lengths[group_rows])
+            self.cache.next_tokens[group_rows] = tokens
+            if sources is not None:
+                order = torch.arange(rows, device=self.device) if order is None else order
+                order[group_rows] = group_rows[sources]
+            if bool(done.any()):
+                ended = done.nonzero().squeeze(1).tolist()
+                for i in ended:
+                    finished[group.requests[i].key] = group.results(i)
+                leaving = [group.requests[i] for i in ended]
+                group.keep(~done)
+                for request in leaving:
+                    self._leave(request)
+        if order is not None and columns:
+            self.cache.reorder(order, columns)
+        return finished
+
+    # -- rows and slots --------------------------------------------------------------------------------------
+
+    def _group_of(self, request: _Request) -> _Group:
+        return self.groups[(request.options.num_beams > 1, request.options.do_sample, request.n)]
+
+    def _rows_of(self, request: _Request) -> torch.Tensor:
+        start = request.slot * self.cache.width
+        return torch.arange(start, start + request.n, device=self.device)
+
+    def _live_rows(self) -> torch.Tensor:
+        """1 for every row of a request in flight, per row of the cache."""
+        live = torch.zeros(self.cache.rows, dtype=torch.long, device=self.device)
+        for group in self.groups.values():
+            live[group.rows(self.cache.width)] = 1
+        return live
+
+    def _leave(self, request: _Request) -> None:
+        del self.requests[request.key]
+        rows = self._rows_of(request)
+        self.cache.clear(rows)
+        self._live[rows] = 0
+        self._free.append(request.slot)
+        self._free.sort()
+        while self._used and self._used - 1 in self._free:  # shrink the decoded range past free slots at its end
+            self._used -= 1
+            self._free.remove(self._used)
 
 
 def generate(
@@ -262,110 +455,21 @@ def generate(
     """Caption R images at once: image_embeds [R, L, E]; prompts[i] starts with BOS; options validated.
 
     Every `cancel_check_interval` steps, `is_cancelled(i)` is asked for each unfinished item i; a cancelled
-    item leaves the batch at once and its result is None.
+    item leaves at once and its result is None.
     """
-    config = decoder.config
-    device = decoder.device
-    count = len(prompts)
-    if count == 0:
+    if not prompts:
         return []
-
-    # Requests with the same strategy and row count form one group; groups are contiguous in the batch.
-    def key(i: int):
-        o = options[i]
-        return (o.num_beams > 1, o.do_sample, o.rows)
-
-    order = sorted(range(count), key=key)
-    groups: list[_Group] = []
-    for (beam, _, rows), members in itertools.groupby(order, key=key):
-        members = list(members)
-        group = _BeamGroup if beam else _SampleGroup
-        groups.append(group(members, [options[i] for i in members], [prompts[i] for i in members], rows,
-                            config.eos_token_id, device))
-
-    with torch.inference_mode():
-        order_t = torch.tensor(order, dtype=torch.long)
-        images = decoder.image_context(image_embeds.index_select(0, order_t.to(image_embeds.device)))
-
-        # Prefill: each request's prompt once, left-padded to the longest.
-        prompt_len = torch.tensor([len(prompts[i]) for i in order], dtype=torch.long, device=device)
-        width = int(prompt_len.max())
-        pad = width - prompt_len
-        tokens = torch.full((count, width), config.pad_token_id, dtype=torch.long, device=device)
-        history = torch.full((count, width), config.vocab_size, dtype=torch.long, device=device)
-        for row, i in enumerate(order):
-            p = torch.tensor(prompts[i], dtype=torch.long, device=device)
-            tokens[row, width - len(p):] = p
-            history[row, width - len(p):] = p
-        positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)
-        capacity = width + max(o.max_new_tokens for o in options)
-        cache = SelfAttentionCache(config, count, capacity, pad, device, decoder.dtype)
-        prefill_segments = [Segment(0, 0, count, 1)]
-        logits = decoder.forward(tokens, positions, cache, images, prefill_segments)
-
-        # Every request's rows start from its prompt's state.
-        rows_of_request = torch.tensor([g.n for g in groups for _ in g.requests], dtype=torch.long, device=device)
-        expand = torch.repeat_interleave(torch.arange(count, device=device), rows_of_request)
-        cache.select(expand)
-        logits = logits.index_select(0, expand)
-        history = history.index_select(0, expand)
-        next_position = prompt_len.index_select(0, expand)
-
-        results: dict[int, list[Hypothesis] | None] = {}
-        step = 0
-        while True:
-            first_row, all_tokens, all_sources, keep_rows, keep_requests = 0, [], [], [], []
-            any_done = False
-            check_cancel = is_cancelled is not None and step % cancel_check_interval == cancel_check_interval - 1
-            for g in groups:
-                rows = slice(first_row, first_row + g.rows)
-                tokens, sources, done = g.step(logits[rows], history[rows], step)
-                all_tokens.append(tokens)
-                all_sources.append(
-                    sources + first_row if sources is not None
-                    else torch.arange(first_row, first_row + g.rows, device=device)
-                )
-                for i, d in enumerate(done):
-                    if d:
-                        results[g.requests[i]] = g.results(i)
-                        any_done = True
-                    elif check_cancel and is_cancelled(g.requests[i]):
-                        results[g.requests[i]] = None
-                        any_done = d = True
-                    keep_requests.append(not d)
-                    keep_rows.extend([not d] * g.n)
-                first_row += g.rows
-            tokens = torch.cat(all_tokens)
-            sources = torch.cat(all_sources)
-            if not bool((sources == torch.arange(len(sources), device=device)).all()):
-                cache.reorder(sources)
-                history = history.index_select(0, sources)
-            history = torch.cat([history, tokens[:, None]], dim=1)
-
-            if any_done:
-                if not any(keep_requests):
-                    break
-                rows_t = torch.tensor([i for i, k in enumerate(keep_rows) if k], dtype=torch.long, device=device)
-                req_t = torch.tensor([i for i, k in enumerate(keep_requests) if k], dtype=torch.long, device=device)
-                cache.select(rows_t)
-                images = images.select(req_t)
-                history = history.index_select(0, rows_t)
-                tokens = tokens.index_select(0, rows_t)
-                next_position = next_position.index_select(0, rows_t)
-                flags = iter(keep_requests)
-                for g in groups:
-                    g.keep([next(flags) for _ in g.requests])
-                groups = [g for g in groups if g.requests]
-
-            segments, first_row, first_request = [], 0, 0
-            for g in groups:
-                if segments and segments[-1].rows_per_request == g.n:
-                    segments[-1].requests += len(g.requests)
-                else:
-                    segments.append(Segment(first_row, first_request, len(g.requests), g.n))
-                first_row += g.rows
-                first_request += len(g.requests)
-            logits = decoder.forward(tokens[:, None], next_position[:, None], cache, images, segments)
-            next_position = next_position + 1
-            step += 1
-    return [results[i] for i in range(count)]
+    columns = max(len(p) for p in prompts) + max(o.max_new_tokens for o in options)
+    loop = DecodeLoop(decoder, columns)
+    for i, (prompt, item_options) in enumerate(zip(prompts, options)):
+        loop.add(i, image_embeds[i], prompt, item_options)
+    results: dict[int, list[Hypothesis] | None] = {}
+    step = 0
+    while len(loop):
+        results.update(loop.step())
+        step += 1
+        if is_cancelled is not None and step % cancel_check_interval == 0:
+            for key in [k for k in list(loop.requests) if is_cancelled(k)]:
+                loop.cancel(key)
+                results[key] = None
+    return [results[i] for i in range(len(prompts))]

@@ -1,8 +1,8 @@
 """transformers' logits processors, vectorised over rows that may each have their own setting.
 
 Each function computes what the processor of the same purpose in `transformers.generation.logits_process`
-computes, in the same precision; `history` is every row's sequence so far (left-padded prompt first, the
-padding being the out-of-vocabulary id `vocab_size`, which never matches a real token).
+computes, in the same precision; `history` is every row's sequence so far (prompt first) from column 0, the
+columns past its length holding the out-of-vocabulary id `vocab_size`, which never matches a real token.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ def penalise_repetitions(scores: torch.Tensor, history: torch.Tensor, penalty: t
     return padded.scatter(1, history, picked)[:, :vocab]
 
 
-def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
-    """NoRepeatNGramLogitsProcessor on left-padded history (pads never match a real prefix)."""
-    length = history.shape[1]
-    prefix = history[:, length + 1 - n :]
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """NoRepeatNGramLogitsProcessor: each row's last n - 1 tokens (it holds lengths[row] of them) may not be
+    followed by a token that followed them before."""
+    if history.shape[1] < n:
+        return scores
+    offsets = (lengths[:, None] - (n - 1) + torch.arange(n - 1, device=history.device)[None, :]).clamp(min=0)
+    prefix = history.gather(1, offsets)
     windows = history.unfold(dimension=1, size=n, step=1)
-    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+    whole = torch.arange(windows.shape[1], device=history.device)[None, :] + n <= lengths[:, None]
+    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1) & whole
     vocab = scores.shape[-1]
     banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)
     banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)

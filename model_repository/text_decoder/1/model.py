@@ -1,12 +1,20 @@
 """Triton Python model `text_decoder`: image embeddings + prompt ids + resolved options -> captions and scores.
 
-Inputs (per item): IMAGE_EMBEDS FP32 [L, hidden]; PROMPT_IDS INT64 [P] (BOS first, -1 entries are padding);
-GENERATION_OPTIONS BYTES [1] (JSON, as `preprocess` resolves it).
-Outputs (per item): CAPTIONS BYTES [K], SCORES FP32 [K], best first (K = num_return_sequences).
+Inputs (one item per request): IMAGE_EMBEDS FP32 [L, hidden]; PROMPT_IDS INT64 [P] (BOS first, -1 entries are
+padding); GENERATION_OPTIONS BYTES [1] (JSON, as `preprocess` resolves it).
+Outputs: CAPTIONS BYTES [K], SCORES FP32 [K], best first (K = num_return_sequences).
 
-All items of all requests in a batch are decoded together in one loop, whatever their options. Options are
-validated again here (the model may be called directly); a request with a bad one is answered with its own
-INVALID_ARG error, and a request its client cancelled stops decoding and is answered CANCELLED.
+In-flight batching with Triton's iterative sequence batcher (`sequence_batching { iterative_sequence: true }`):
+each `execute()` is one step of a `DecodeLoop` holding every request in flight. A request Triton hands over for
+the first time joins the loop (keyed by its `correlation_id()`); an unfinished one is handed back to Triton to be
+scheduled again (`TRITONSERVER_REQUEST_RELEASE_RESCHEDULE`, `None` in its place), and a finished one is answered.
+Triton forms the next batch from the handed-back requests and new ones at once, so a short caption never waits
+behind a long one. The ensemble calls this model with plain requests; clients need no sequence controls.
+
+Options are validated again here (the model may be called directly); a request with a bad one is answered with
+its own INVALID_ARG error, one its client cancelled or whose deadline passed leaves the loop and is answered
+CANCELLED, and any other failure is that request's INTERNAL error. Rows decoded per step, steps and requests in
+flight are exported as Triton metrics (`blip_decoder_*` on Triton's metrics port).
 """
 
 import json
@@ -24,12 +32,13 @@ import torch  # noqa: E402  (reads OMP_WAIT_POLICY when it loads)
 import triton_python_backend_utils as pb_utils
 
 from blip_text_decoder import BlipTextDecoder
-from caption_generation import generate
+from caption_generation import DecodeLoop
 from caption_text import CaptionDecoder
 from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
-
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# A request that Triton has not handed back for this long is dropped from the loop (it cannot be answered).
+_ABANDONED_AFTER = 300.0
 
 
 class _BadRequest(Exception):
@@ -49,8 +58,30 @@ def _deadline(request) -> float | None:
     return float(value) / 1000.0 if isinstance(value, (int, float)) else None
 
 
-def _gone(request, deadline: float | None) -> bool:
-    return (deadline is not None and time.time() > deadline) or request.is_cancelled()
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+class _Metrics:
+    """Triton custom metrics; the families must outlive their metrics, so both are kept."""
+
+    def __init__(self):
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.families = [
+            pb_utils.MetricFamily("blip_decoder_rows", "Decoder rows (beams, samples) decoded, summed over steps; "
+                                  "divided by blip_decoder_steps: rows per step", counter),
+            pb_utils.MetricFamily("blip_decoder_steps", "Decode steps run", counter),
+            pb_utils.MetricFamily("blip_decoder_requests_in_flight", "Requests in the decode loop", gauge),
+        ]
+        self.rows, self.steps, self.in_flight = (family.Metric() for family in self.families)
+
+    def record(self, rows: int, in_flight: int) -> None:
+        try:
+            self.rows.increment(rows)
+            self.steps.increment(1)
+            self.in_flight.set(in_flight)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            pb_utils.Logger.log_warn(f"text_decoder: metrics not recorded:\n{traceback.format_exc()}")
 
 
 class TritonPythonModel:
@@ -69,113 +100,114 @@ class TritonPythonModel:
         dtype = _DTYPES.get(params.get("dtype") or "float32")
         if dtype is None or (dtype is torch.float16 and device == "cpu"):
             raise RuntimeError(f"text_decoder: dtype {params.get('dtype')!r} is not float32, or float16 on a GPU")
-        self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=dtype)
+        int8 = params.get("quantization") == "int8" and device == "cpu"  # int8 kernels are the CPU's
+        self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=dtype, int8=int8)
         decoding = json.loads((directory / "decoding.json").read_text())
         self.texts = CaptionDecoder(directory / "tokenizer.json", decoding["clean_up_tokenization_spaces"])
         self.limits = from_parameters(GenerationLimits, params, "limit_")
         self.bos = self.decoder.config.bos_token_id
+        columns = min(self.decoder.config.max_position_embeddings,
+                      int(params.get("max_prompt_tokens") or 64) + self.limits.max_new_tokens)
+        self.loop = DecodeLoop(self.decoder, columns)
+        self.deadlines: dict[int, float | None] = {}
+        self.seen: dict[int, float] = {}  # when Triton last handed each request in flight over
+        self.done: dict[int, list] = {}  # finished while Triton held the request: answered when it comes back
+        self.metrics = _Metrics()
 
     def execute(self, requests):
-        items, owners, errors = [], [], [None] * len(requests)
+        responses = [None] * len(requests)
+        now = time.monotonic()
         for r, request in enumerate(requests):
+            key = request.correlation_id()
+            self.seen[key] = now
             try:
-                parsed = self._parse(request)
+                if key not in self.deadlines:
+                    self._join(key, request)
+                elif (self.deadlines[key] or float("inf")) < time.time() or request.is_cancelled():
+                    pb_utils.Logger.log_info("text_decoder: stopped decoding a request: cancelled or past its deadline")
+                    self._forget(key)
+                    responses[r] = _error("the request was cancelled or its deadline passed",
+                                          pb_utils.TritonError.CANCELLED)
             except _BadRequest as exc:
-                errors[r] = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                continue
-            except Exception:  # a malformed direct call must not take its batch down
+                self._forget(key)
+                responses[r] = _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Exception:  # noqa: BLE001 - a malformed direct call must not take its batch down
                 pb_utils.Logger.log_error(f"text_decoder: unreadable request:\n{traceback.format_exc()}")
-                errors[r] = pb_utils.TritonError("the request's tensors could not be read", pb_utils.TritonError.INVALID_ARG)
-                continue
-            items.extend(parsed)
-            owners.extend([r] * len(parsed))
+                self._forget(key)
+                responses[r] = _error("the request's tensors could not be read", pb_utils.TritonError.INVALID_ARG)
 
-        results = []
-        if items:
-            deadlines = [_deadline(request) for request in requests]
-            gone = lambda i: _gone(requests[owners[i]], deadlines[owners[i]])  # noqa: E731
+        if len(self.loop):
             try:
-                results = self._generate(items, gone)
-            except Exception:  # noqa: BLE001 - find the request that fails; the others are answered
-                pb_utils.Logger.log_error(f"text_decoder: a batch failed, decoding its requests one by one:\n"
-                                          f"{traceback.format_exc()}")
-                results = []
-                for r in range(len(requests)):
-                    mine = [i for i, owner in enumerate(owners) if owner == r]
-                    try:
-                        results += self._generate([items[i] for i in mine], lambda j: gone(mine[j]))
-                    except Exception:  # noqa: BLE001
-                        pb_utils.Logger.log_error(f"text_decoder: a request failed:\n{traceback.format_exc()}")
-                        errors[r] = pb_utils.TritonError("decoding failed; the server log has the details",
-                                                         pb_utils.TritonError.INTERNAL)
-                        results += [[] for _ in mine]
+                self.done.update(self.loop.step())
+            except Exception:  # noqa: BLE001 - the loop's state is unknown: fail what is in flight, start afresh
+                pb_utils.Logger.log_error(f"text_decoder: a decode step failed:\n{traceback.format_exc()}")
+                for key in list(self.loop.requests):
+                    self.done[key] = None
+                self.loop = DecodeLoop(self.decoder, self.loop.columns)
+            self.metrics.record(self.loop.stats.rows, len(self.loop))
 
-        per_request = [[] for _ in requests]
-        for owner, hypotheses in zip(owners, results):
-            if errors[owner] is not None:
+        for r, request in enumerate(requests):
+            if responses[r] is not None:
                 continue
-            if hypotheses is None:
-                pb_utils.Logger.log_info("text_decoder: stopped decoding a request: cancelled or past its deadline")
-                errors[owner] = pb_utils.TritonError(
-                    "the request was cancelled or its deadline passed", pb_utils.TritonError.CANCELLED
-                )
-            per_request[owner].append(hypotheses)
-
-        responses = []
-        for request_results, error in zip(per_request, errors):
-            if error is None:
-                try:
-                    responses.append(self._answer(request_results))
-                    continue
-                except Exception:  # noqa: BLE001
-                    pb_utils.Logger.log_error(f"text_decoder: a request failed:\n{traceback.format_exc()}")
-                    error = pb_utils.TritonError("decoding failed; the server log has the details",
-                                                 pb_utils.TritonError.INTERNAL)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+            key = request.correlation_id()
+            if key in self.done:
+                responses[r] = self._answer(self.done.pop(key))
+                self._forget(key)
+            else:
+                request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
+        self._drop_abandoned(now)
         return responses
 
-    def _answer(self, request_results):
-        captions = [self.texts([h.tokens for h in hypotheses]) for hypotheses in request_results]
-        scores = [[h.score for h in hypotheses] for hypotheses in request_results]
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("CAPTIONS", np.array([[c.encode("utf-8") for c in row] for row in captions], dtype=np.object_)),
-            pb_utils.Tensor("SCORES", np.array(scores, dtype=np.float32)),
-        ])
+    def _join(self, key: int, request) -> None:
+        embeds, prompt, options = self._parse(request)
+        self.deadlines[key] = _deadline(request)
+        self.loop.add(key, torch.from_numpy(embeds), prompt, options)
 
-    def _generate(self, items, is_cancelled):
-        return generate(
-            self.decoder,
-            torch.from_numpy(np.stack([embeds for embeds, _, _ in items])),
-            [prompt for _, prompt, _ in items],
-            [options for _, _, options in items],
-            is_cancelled=is_cancelled,
-        )
+    def _forget(self, key: int) -> None:
+        self.loop.cancel(key)
+        self.deadlines.pop(key, None)
+        self.seen.pop(key, None)
+        self.done.pop(key, None)
 
-    def _parse(self, request) -> list[tuple[np.ndarray, list[int], GenerationOptions]]:
+    def _drop_abandoned(self, now: float) -> None:
+        for key in [k for k, seen in self.seen.items() if now - seen > _ABANDONED_AFTER]:
+            pb_utils.Logger.log_warn(f"text_decoder: request {key} was not handed back for {_ABANDONED_AFTER:.0f} s; "
+                                     "dropped")
+            self._forget(key)
+
+    def _answer(self, hypotheses) -> "pb_utils.InferenceResponse":
+        if hypotheses is None:
+            return _error("decoding failed; the server log has the details", pb_utils.TritonError.INTERNAL)
+        try:
+            captions = self.texts([h.tokens for h in hypotheses])
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("CAPTIONS", np.array([[c.encode("utf-8") for c in captions]], dtype=np.object_)),
+                pb_utils.Tensor("SCORES", np.array([[h.score for h in hypotheses]], dtype=np.float32)),
+            ])
+        except Exception:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"text_decoder: a request failed:\n{traceback.format_exc()}")
+            return _error("decoding failed; the server log has the details", pb_utils.TritonError.INTERNAL)
+
+    def _parse(self, request) -> tuple[np.ndarray, list[int], GenerationOptions]:
         embeds = pb_utils.get_input_tensor_by_name(request, "IMAGE_EMBEDS").as_numpy()
-        count = len(embeds)
         hidden = self.decoder.config.encoder_hidden_size
-        if embeds.ndim != 3 or embeds.shape[2] != hidden or embeds.dtype != np.float32:
-            raise _BadRequest(f"IMAGE_EMBEDS must be float32 [L, {hidden}] per item; got {embeds.dtype} "
-                              f"{list(embeds.shape[1:])}")
+        if embeds.ndim != 3 or len(embeds) != 1 or embeds.shape[2] != hidden or embeds.dtype != np.float32:
+            raise _BadRequest(f"IMAGE_EMBEDS must be float32 [1, L, {hidden}] (one item per request); got "
+                              f"{embeds.dtype} {list(embeds.shape)}")
         prompt_ids = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy()
         options = pb_utils.get_input_tensor_by_name(request, "GENERATION_OPTIONS").as_numpy().reshape(-1)
-        if prompt_ids.ndim != 2 or len(prompt_ids) != count or len(options) != count:
-            raise _BadRequest(f"PROMPT_IDS and GENERATION_OPTIONS must have one entry per item ({count})")
-        parsed = []
-        for i in range(count):
-            where = f"item {i}: " if count > 1 else ""
-            prompt = [int(t) for t in prompt_ids[i] if t >= 0]
-            if not prompt or prompt[0] != self.bos or max(prompt) >= self.decoder.config.vocab_size:
-                raise _BadRequest(f"{where}PROMPT_IDS must start with BOS ({self.bos}) and hold token ids "
-                                  f"below {self.decoder.config.vocab_size}")
-            try:
-                item_options = GenerationOptions.from_json(bytes(options[i]))
-                item_options.validate(self.limits, len(prompt), self.decoder.config.max_position_embeddings)
-            except OptionError as exc:
-                raise _BadRequest(f"{where}{exc}") from None
-            parsed.append((embeds[i], prompt, item_options))
-        counts = {item_options.num_return_sequences for _, _, item_options in parsed}
-        if len(counts) > 1:
-            raise _BadRequest("all items of one request must ask for the same num_return_sequences")
-        return parsed
+        if prompt_ids.ndim != 2 or len(prompt_ids) != 1 or len(options) != 1:
+            raise _BadRequest("PROMPT_IDS and GENERATION_OPTIONS must have one entry (one item per request)")
+        prompt = [int(t) for t in prompt_ids[0] if t >= 0]
+        if not prompt or prompt[0] != self.bos or max(prompt) >= self.decoder.config.vocab_size:
+            raise _BadRequest(f"PROMPT_IDS must start with BOS ({self.bos}) and hold token ids below "
+                              f"{self.decoder.config.vocab_size}")
+        if len(prompt) + self.limits.max_new_tokens > self.loop.columns and len(prompt) > self.loop.columns - 1:
+            raise _BadRequest(f"the prompt is {len(prompt)} tokens long; the limit is {self.loop.columns - 1}")
+        try:
+            item_options = GenerationOptions.from_json(bytes(options[0]))
+            item_options.validate(self.limits, len(prompt), min(self.decoder.config.max_position_embeddings,
+                                                                self.loop.columns))
+        except OptionError as exc:
+            raise _BadRequest(str(exc)) from None
+        return embeds[0], prompt, item_options

@@ -1,5 +1,7 @@
 """`blip-bench`: the service measured as users run it.
 
+    blip-bench run --preset large --output bench-large/   # against transformers, side by side (see benchmark)
+    blip-bench run --quick --output bench-quick/          # the demo model in a minute or two
     blip-bench soak --minutes 10 --concurrency 32 --hostile 0.1 --output soak/
 """
 
@@ -25,7 +27,7 @@ def _soak(args: argparse.Namespace) -> int:
             address, memory = serve.address, serve.memory
         try:
             report = soak(address, memory, args.minutes, args.concurrency, args.hostile, seed=args.seed,
-                          warmup=args.warmup)
+                          warmup=args.warmup, exclude=tuple(args.exclude))
         finally:
             code = serve.stop()[0] if serve else 0
     summary = write(report, args.output)
@@ -40,9 +42,49 @@ def _soak(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from blip_server.bench.benchmark import Settings, run
+    from blip_server.bench.report import write
+    from blip_server.model_store import demo_checkpoint
+    from blip_server.random_checkpoint import CheckpointSpec, build
+
+    ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    with tempfile.TemporaryDirectory() as work:
+        checkpoint = args.model
+        if checkpoint is None and args.preset:
+            checkpoint = build(CheckpointSpec(preset=args.preset, seed=0), Path(work) / f"blip-{args.preset}-random")
+        checkpoint = checkpoint or demo_checkpoint()
+        quick = args.quick
+        settings = Settings(
+            checkpoint=Path(checkpoint), images=args.images or (12 if quick else 32),
+            concurrency=ints(args.concurrency or ("1,4" if quick else "1,4,8,16")),
+            precisions=tuple((args.precision or ("fp32" if quick else "fp32,int8")).split(",")),
+            beams=args.beams, tokens=args.tokens, batch_sizes=ints(args.batch_sizes or ("1,4" if quick else "1,4,8")),
+            threads=len(os.sched_getaffinity(0)), overtaking=not quick,
+        )
+        results = run(settings)
+    print(write(results, args.output))
+    fp32 = [r for r in results["service"].get("fp32", {}).get("rows", []) if "identical_share" in r]
+    return 1 if any(r["identical_share"] < 1.0 for r in fp32) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blip-bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("run", help="the service against transformers, side by side")
+    bench.add_argument("--model", type=Path, help="checkpoint directory (default: --preset, else the demo model)")
+    bench.add_argument("--preset", choices=("tiny", "base", "large"), help="build a random checkpoint of this "
+                       "architecture (not committed; exactly --tokens new tokens make its cost real)")
+    bench.add_argument("--quick", action="store_true", help="a short run (the CI smoke test)")
+    bench.add_argument("--images", type=int)
+    bench.add_argument("--concurrency", help="comma-separated (default 1,4,8,16; quick: 1,4)")
+    bench.add_argument("--precision", help="comma-separated (default fp32,int8; quick: fp32)")
+    bench.add_argument("--batch-sizes", help="transformers' batches to try (default 1,4,8)")
+    bench.add_argument("--beams", type=int, default=3)
+    bench.add_argument("--tokens", type=int, default=20, help="new tokens per caption, exactly")
+    bench.add_argument("--output", type=Path, default=Path("bench-results"))
     soak = commands.add_parser("soak", help="minutes of load with hostile files; calls and memory accounted for")
     soak.add_argument("--model", type=Path, help="checkpoint or repository for blip-serve (default: the demo model)")
     soak.add_argument("--server", help="soak a running gateway HOST:PORT instead (no memory readings)")
@@ -53,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS growth is counted")
     soak.add_argument("--max-rss-growth", type=float, default=0.05)
     soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--exclude", action="append", default=[], metavar="SAMPLE",
+                      help="leave a sample of the corpus out (repeat)")
     soak.add_argument("--output", type=Path, default=Path("soak"))
     args = parser.parse_args(argv)
-    return _soak(args)
+    return _run(args) if args.command == "run" else _soak(args)
 
 
 if __name__ == "__main__":

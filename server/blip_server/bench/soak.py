@@ -5,10 +5,13 @@
 Each of `--concurrency` clients captions in a loop: mostly demo scenes and unusual valid files, a `--hostile`
 share of hostile files (bombs, forged headers, truncated, not images; see `corpus`). Every call is accounted
 for: its status code must be the expected one (OK for valid files, the sample's code for hostile ones) and the
-same valid file must always get the same caption. Meanwhile the resident memory (RSS) of every server process
-(blip-serve, tritonserver, each Python-backend stub) is sampled. The report gives calls by code, lost calls,
-unexpected codes, inconsistent captions, throughput, latency, and RSS over time with its growth after the
-warm-up; the command fails if anything was lost or unexpected, or RSS grew more than `--max-rss-growth`.
+same valid file must always get the same caption. Meanwhile the memory of every server process (blip-serve,
+tritonserver, each Python-backend stub) is sampled every two seconds, as PSS: resident memory with the pages of
+Triton's shared-memory pool, which every process maps, counted once. Large requests come and go, so a sample
+also holds whatever is in flight; what the server retains is the smallest total of a window. The report gives
+calls by code, lost calls, unexpected codes, inconsistent captions, throughput, latency, and memory over time:
+the retained memory of the minute after the warm-up against that of the last minute. The command fails if
+anything was lost or unexpected, or the retained memory grew more than `--max-rss-growth`.
 """
 
 from __future__ import annotations
@@ -69,43 +72,44 @@ class SoakReport:
             "rss": self.rss_growth(),
         }
 
-    def rss_growth(self, window: float = 30.0) -> dict:
-        """Median total RSS over the `window` seconds after the warm-up, against the last `window` seconds."""
-        after = [s["total"] for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
-        end_time = self.rss[-1]["t"] if self.rss else 0
-        last = [s["total"] for s in self.rss if s["t"] > end_time - window]
-        if not after or not last:
+    def rss_growth(self, window: float = 60.0) -> dict:
+        """Retained memory (the smallest total of a window) of the `window` s after the warm-up and of the last
+        `window` s; per process likewise."""
+        if not self.rss or not self.rss[-1]["processes"]:  # a server not ours: no readings
             return {}
-        start, end = statistics.median(after), statistics.median(last)
+        end_time = self.rss[-1]["t"]
+        early = [s for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
+        late = [s for s in self.rss if s["t"] > end_time - window]
+        if not early or not late:
+            return {}
+        start, end = min(s["total"] for s in early), min(s["total"] for s in late)
         per_process = {}
         for name in self.rss[-1]["processes"]:
-            first = [s["processes"].get(name) for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
-            final = [s["processes"].get(name) for s in self.rss if s["t"] > end_time - window]
-            first, final = [v for v in first if v], [v for v in final if v]
+            first = [s["processes"][name] for s in early if name in s["processes"]]
+            final = [s["processes"][name] for s in late if name in s["processes"]]
             if first and final:
-                per_process[name] = {"after_warmup_mb": statistics.median(first) / 2**20,
-                                     "end_mb": statistics.median(final) / 2**20}
+                per_process[name] = {"after_warmup_mb": min(first) / 2**20, "end_mb": min(final) / 2**20}
         return {"after_warmup_mb": start / 2**20, "end_mb": end / 2**20, "growth": end / start - 1,
                 "max_mb": max(s["total"] for s in self.rss) / 2**20, "processes": per_process}
 
 
-def _samples(seed: int) -> tuple[dict[str, Sample], dict[str, Sample]]:
-    """(valid, hostile): demo scenes and unusual valid files; the hostile corpus."""
+def _samples(seed: int, exclude: tuple[str, ...] = ()) -> tuple[dict[str, Sample], dict[str, Sample]]:
+    """(valid, hostile): demo scenes and unusual valid files; the hostile corpus; less the `exclude`d samples."""
     from blip_server.demo.scenes import encode, render
 
     rng = random.Random(seed)
-    everything = corpus(seed=seed)
+    everything = {name: s for name, s in corpus(seed=seed).items() if name not in exclude}
     valid = {f"scene_{i}": Sample(encode(render(rng), rng), CAPTION) for i in range(48)}
     valid.update({name: s for name, s in everything.items() if not s.hostile})
     return valid, {name: s for name, s in everything.items() if s.hostile}
 
 
 def soak(address: str, memory, minutes: float, concurrency: int, hostile_share: float, seed: int = 0,
-         warmup: float = 60.0, sample_interval: float = 5.0) -> SoakReport:
-    """Load `address` for `minutes`; `memory()` -> {process name: RSS bytes} is sampled every `sample_interval`."""
+         warmup: float = 60.0, sample_interval: float = 2.0, exclude: tuple[str, ...] = ()) -> SoakReport:
+    """Load `address` for `minutes`; `memory()` -> {process name: bytes} is sampled every `sample_interval`."""
     from blip_client import CaptionClient, CaptionError
 
-    valid, hostile = _samples(seed)
+    valid, hostile = _samples(seed, exclude)
     report = SoakReport(minutes, concurrency, hostile_share, warmup=warmup)
     lock = threading.Lock()
     started = time.monotonic()
@@ -161,8 +165,9 @@ def markdown(summary: dict) -> str:
         *[f"| {code} | {count} |" for code, count in summary["by_code"].items()],
     ]
     if rss:
-        lines += ["", f"RSS of all server processes: {rss['after_warmup_mb']:.0f} MB after the warm-up, "
-                      f"{rss['end_mb']:.0f} MB at the end ({rss['growth']:+.1%}), peak {rss['max_mb']:.0f} MB", "",
+        lines += ["", f"Memory retained by all server processes (PSS): {rss['after_warmup_mb']:.0f} MB in the minute "
+                      f"after the warm-up, {rss['end_mb']:.0f} MB in the last minute ({rss['growth']:+.1%}); "
+                      f"peak with requests in flight {rss['max_mb']:.0f} MB", "",
                   "| process | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                   *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
                     for name, p in rss["processes"].items()]]

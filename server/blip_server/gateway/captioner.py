@@ -8,6 +8,8 @@ go through the ReplicaPool (one replica in blip-serve, any number behind blip-ga
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ class GatewayLimits:
     max_image_pixels, max_image_side: largest image its header may declare (INVALID_ARGUMENT above them).
     max_prompt_bytes: longest prompt in UTF-8 bytes (INVALID_ARGUMENT above it; the token limit is Triton's).
     max_concurrent_requests: images in flight at once, all clients together (RESOURCE_EXHAUSTED above it).
+    max_image_bytes_in_flight: encoded bytes of the images sent to Triton at once; more wait their turn (until
+        their deadline), so that a burst of large images cannot multiply the memory of the gateway and Triton.
     stream_window: images of one stream in flight at once (the stream waits for a free slot).
     """
 
@@ -49,6 +53,7 @@ class GatewayLimits:
     max_image_side: int = ImageLimits.max_side
     max_prompt_bytes: int = 2048
     max_concurrent_requests: int = 256
+    max_image_bytes_in_flight: int = 256 * 1024 * 1024
     stream_window: int = 16
 
     @property
@@ -68,6 +73,8 @@ class Captioner:
         self.replicas = replicas
         self.limits = limits
         self.in_flight = 0
+        self.bytes_in_flight = 0
+        self._room = asyncio.Condition()
         self._description: ModelDescription | None = None
 
     async def close(self) -> None:
@@ -118,10 +125,29 @@ class Captioner:
         self.in_flight += 1
         try:
             await self.check_options(job)
-            captions = await self._infer(job, timeout)
+            async with self._bytes_in_flight(len(job.image), timeout):
+                captions = await self._infer(job, timeout)
         finally:
             self.in_flight -= 1
         return CaptionResult(captions, job.request_id, ensemble.MODEL)
+
+    @contextlib.asynccontextmanager
+    async def _bytes_in_flight(self, size: int, timeout: float | None):
+        """Wait until `size` more bytes fit the budget (an image larger than all of it goes alone)."""
+        limit = self.limits.max_image_bytes_in_flight
+        async with self._room:
+            try:
+                await asyncio.wait_for(self._room.wait_for(
+                    lambda: self.bytes_in_flight == 0 or self.bytes_in_flight + size <= limit), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("the deadline passed while the image waited for its turn") from None
+            self.bytes_in_flight += size
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.bytes_in_flight -= size
+                self._room.notify_all()
 
     async def _infer(self, job: CaptionJob, timeout: float | None) -> list[ensemble.CaptionText]:
         # The deadline travels twice: as the Triton call's own timeout, and as a request parameter the decoder

@@ -33,6 +33,7 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
     limits = GatewayLimits(max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
                            max_image_side=options.max_image_side,
                            max_concurrent_requests=options.max_concurrent_requests,
+                           max_image_bytes_in_flight=options.max_image_bytes_in_flight,
                            stream_window=options.stream_window)
     keys = [k.strip() for k in options.api_keys.split(",") if k.strip()]
     credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)

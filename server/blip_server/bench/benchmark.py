@@ -1,0 +1,255 @@
+"""`blip-bench run`: the service against transformers, side by side in one run, same images and settings.
+
+    blip-bench run --preset large --concurrency 1,4,8,16 --precision fp32,int8 --output bench-large/
+    blip-bench run --quick --output bench-quick/            # the demo model, seconds: CI's smoke test
+
+For each precision it exports the checkpoint (`--preset` builds a random checkpoint with that architecture,
+never committed: cost does not depend on weight values when every caption has exactly `--tokens` new tokens),
+starts `blip-serve`, and captions the same generated images
+
+- with transformers (`BlipForConditionalGeneration.generate()`), one image per call and in its best batch;
+- through the gateway with the SDK, and straight to the `blip_caption` ensemble with tritonclient, at each
+  concurrency;
+
+and reports seconds per caption, throughput, p50/p99 latency and ratios to transformers one by one; Triton's
+per-model statistics (mean batch, queue and compute time); the decoder's time per caption against its memory
+bandwidth floor; the memory of every server process against the weights' bytes; and whether a short caption
+overtakes a long one. Captions of the fp32 service are checked against transformers'; those of other precisions
+are compared with fp32's. It writes results.json, results.md and throughput.png (throughput against concurrency).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: Path
+    images: int
+    concurrency: tuple[int, ...]
+    precisions: tuple[str, ...]
+    beams: int
+    tokens: int
+    batch_sizes: tuple[int, ...]  # transformers' batches to try; the best is reported
+    threads: int
+    overtaking: bool  # measure a short request sent 3 s after a long one
+
+
+def memory_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second this machine reads: a numpy sum over `gib` GiB, the best of three."""
+    data = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best
+
+
+def _scenes(count: int, seed: int = 7) -> list[bytes]:
+    import random
+
+    from blip_server.demo.scenes import encode, render
+
+    rng = random.Random(seed)
+    return [encode(render(rng), rng, fmt="JPEG", quality=90, orientation=1) for _ in range(count)]
+
+
+def _row(name: str, seconds: float, latencies: list[float], captions: int, **extra) -> dict:
+    return {"name": name, "captions": captions, "seconds": seconds, "captions_per_second": captions / seconds,
+            "seconds_per_caption": seconds / captions, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99)), **extra}
+
+
+def run_transformers(settings: Settings, images: list[bytes]) -> tuple[list[dict], list[str]]:
+    """transformers one by one and in batches; returns (rows, captions of one by one)."""
+    import io
+
+    import torch
+    from PIL import Image, ImageOps
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    torch.set_num_threads(settings.threads)
+    model = BlipForConditionalGeneration.from_pretrained(settings.checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(settings.checkpoint)
+    options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
+
+    def caption(batch: list[bytes]) -> list[str]:
+        pictures = [ImageOps.exif_transpose(Image.open(io.BytesIO(d))).convert("RGB") for d in batch]
+        inputs = processor(images=pictures, return_tensors="pt")
+        with torch.inference_mode():
+            return processor.batch_decode(model.generate(**inputs, **options), skip_special_tokens=True)
+
+    caption(images[:1])  # warm-up
+    rows, one_by_one = [], []
+    for size in settings.batch_sizes:
+        latencies, texts = [], []
+        started = time.perf_counter()
+        for i in range(0, len(images), size):
+            t = time.perf_counter()
+            texts += caption(images[i: i + size])
+            latencies += [time.perf_counter() - t] * len(images[i: i + size])
+        rows.append(_row(f"transformers, batch {size}", time.perf_counter() - started, latencies, len(images),
+                         kind="transformers", batch=size))
+        if size == 1:
+            one_by_one = texts
+    return rows, one_by_one
+
+
+def _measure(name: str, ask, images: list[bytes], concurrency: int, **extra) -> tuple[dict, list[str]]:
+    def timed(data):
+        t = time.perf_counter()
+        text = ask(data)
+        return text, time.perf_counter() - t
+
+    for data in images[: min(len(images), concurrency)]:  # warm-up
+        ask(data)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        answers = list(pool.map(timed, images))
+    return (_row(name, time.perf_counter() - started, [a[1] for a in answers], len(images),
+                 concurrency=concurrency, **extra), [a[0] for a in answers])
+
+
+def _stats(client, model: str) -> dict:
+    """Triton's cumulative statistics of a model: requests, executions, queue and compute nanoseconds."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    inference = stats.get("inference_stats", {})
+    executed_ns = sum(int(b.get(k, {}).get("ns", 0)) for b in stats.get("batch_stats", [])
+                      for k in ("compute_input", "compute_infer", "compute_output"))
+    return {"requests": int(stats.get("inference_count", 0)), "executions": int(stats.get("execution_count", 0)),
+            "queue_ns": int(inference.get("queue", {}).get("ns", 0)), "executed_ns": executed_ns}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    d = {k: after[k] - before[k] for k in after}
+    executions = max(1, d["executions"])
+    return {"mean_batch": d["requests"] / executions, "executions": d["executions"],
+            "mean_queue_ms": d["queue_ns"] / 1e6 / max(1, d["requests"]),
+            "compute_ms_per_execution": d["executed_ns"] / 1e6 / executions, "compute_s": d["executed_ns"] / 1e9}
+
+
+def _weights_bytes(repository: Path) -> int:
+    files = [repository / "vision_encoder" / "1" / "model.onnx", repository / "text_decoder" / "1" / "decoder.safetensors"]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def _step_weight_bytes(repository: Path, int8: bool) -> int:
+    """Bytes of weights a decode step reads: every linear layer but the cross-attention key/value projections."""
+    config = json.loads((repository / "text_decoder" / "1" / "decoder_config.json").read_text())
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    per_layer = 3 * h * h + h * h + h * h + h * h + 2 * h * i  # qkv, self out, cross q, cross out, ffn in/out
+    parameters = config["num_hidden_layers"] * per_layer + h * h + h * v
+    return parameters * (1 if int8 else 4)
+
+
+def run_service(settings: Settings, repository: Path, precision: str, images: list[bytes], bandwidth: float) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from blip_client import CaptionClient, GenerationOptions
+    from blip_server import ensemble
+    from blip_server.processes import ServeProcess
+
+    options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
+    rows, texts = [], {}
+    with tempfile.TemporaryDirectory() as cache:
+        serve = ServeProcess("--model", str(repository), "--max-concurrent-requests", "1024", cache=Path(cache))
+        try:
+            serve.wait_ready(timeout=900)
+            sdk = CaptionClient(serve.address, timeout=3600)
+            triton = grpcclient.InferenceServerClient(serve.triton_address)
+            generation = GenerationOptions(**options)
+            via_gateway = lambda data: sdk.caption(data, options=generation).captions[0].text  # noqa: E731
+
+            def via_triton(data):
+                result = triton.infer(ensemble.MODEL, ensemble.inputs(grpcclient, data, None, **options),
+                                      client_timeout=3600)
+                return ensemble.captions(result)[0][0].text
+
+            for concurrency in settings.concurrency:
+                for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
+                    before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
+                    row, answers = _measure(f"service {precision} via {route}, {concurrency} concurrent", ask, images,
+                                            concurrency, kind="service", precision=precision, route=route)
+                    after = {m: _stats(triton, m) for m in before}
+                    row["models"] = {m: _delta(after[m], before[m]) for m in before}
+                    decoder = row["models"]["text_decoder"]
+                    floor = settings.tokens * _step_weight_bytes(repository, precision == "int8") / bandwidth
+                    steps_per_caption = max(1.0, decoder["executions"] / len(images))
+                    row["decoder_s_per_caption"] = decoder["compute_s"] / len(images)
+                    # A step reads the weights once for every request in it: its floor is shared by them.
+                    row["decoder_floor_s_per_caption"] = floor / settings.tokens * steps_per_caption
+                    rows.append(row)
+                    texts[(route, concurrency)] = answers
+            memory = serve.memory()
+            overtaking = _overtaking(sdk) if settings.overtaking else None
+            sdk.close()
+        finally:
+            code, log = serve.stop()
+        if code != 0:
+            raise RuntimeError(f"blip-serve exited {code}:\n{log[-4000:]}")
+    return {"rows": rows, "texts": texts, "memory": memory, "weights_bytes": _weights_bytes(repository),
+            "overtaking": overtaking}
+
+
+def _overtaking(client) -> dict:
+    """A long request (8 beams, exactly 64 tokens), then 3 s later a short one (greedy, 5 tokens)."""
+    from blip_client import GenerationOptions
+
+    image = _scenes(1, seed=99)[0]
+    done: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def send(name, options):
+        client.caption(image, options=options)
+        done[name] = time.perf_counter() - started
+
+    long = threading.Thread(target=send, args=("long", GenerationOptions(num_beams=8, min_new_tokens=64,
+                                                                          max_new_tokens=64)))
+    long.start()
+    time.sleep(3.0)
+    sent = time.perf_counter() - started
+    send("short", GenerationOptions(num_beams=1, min_new_tokens=5, max_new_tokens=5))
+    long.join()
+    return {"long_latency_s": done["long"], "short_latency_s": done["short"] - sent,
+            "short_finished_first": done["short"] < done["long"]}
+
+
+def run(settings: Settings) -> dict:
+    from blip_server.export import ExportOptions, export_checkpoint
+
+    images = _scenes(settings.images)
+    bandwidth = memory_bandwidth()
+    baseline, reference = run_transformers(settings, images)
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+               "cpu_threads": settings.threads, "memory_bandwidth_gb_s": bandwidth / 1e9,
+               "transformers": baseline, "service": {}}
+    texts = {}
+    with tempfile.TemporaryDirectory() as work:
+        for precision in settings.precisions:
+            repository = Path(work) / precision
+            export_checkpoint(settings.checkpoint, repository, ExportOptions(precision=precision))
+            service = run_service(settings, repository, precision, images, bandwidth)
+            texts[precision] = service.pop("texts")
+            results["service"][precision] = service
+    one_by_one = baseline[0]["captions_per_second"]
+    for precision, service in results["service"].items():
+        compare_to = reference if precision == "fp32" else texts.get("fp32", {}).get(("gateway", settings.concurrency[0]))
+        for row in service["rows"]:
+            answers = texts[precision][(row["route"], row["concurrency"])]
+            row["speedup"] = row["captions_per_second"] / one_by_one
+            if compare_to is not None:
+                row["identical_to"] = "transformers" if precision == "fp32" else "fp32"
+                row["identical_share"] = sum(a == b for a, b in zip(answers, compare_to)) / len(answers)
+    return results

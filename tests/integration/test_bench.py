@@ -1,0 +1,23 @@
+"""`blip-bench run --quick`: the benchmark runs end to end on the demo model (CI's smoke test of it), and what it
+reports is consistent: every caption of the service equals transformers', and the files are written."""
+
+from __future__ import annotations
+
+import json
+
+from blip_server.bench.cli import main
+
+
+def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
+    assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["batch"] for r in results["transformers"]] == [1, 4]
+    rows = results["service"]["fp32"]["rows"]
+    assert {(r["route"], r["concurrency"]) for r in rows} == {(route, c) for route in ("gateway", "triton") for c in (1, 4)}
+    for row in rows:
+        assert row["identical_share"] == 1.0 and row["identical_to"] == "transformers"
+        assert row["captions"] == 6 and row["captions_per_second"] > 0
+        assert row["models"]["text_decoder"]["executions"] > 0 and row["decoder_floor_s_per_caption"] > 0
+    assert results["service"]["fp32"]["weights_bytes"] > 0 and results["memory_bandwidth_gb_s"] > 0
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| transformers, batch 1 |" in (tmp_path / "results.md").read_text()
