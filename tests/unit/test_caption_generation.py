@@ -24,6 +24,10 @@ CASES = {
     "no_repeat_ngram_beams": dict(num_beams=4, no_repeat_ngram_size=2, max_new_tokens=12, min_new_tokens=8),
     "one_new_token": dict(num_beams=2, max_new_tokens=1, min_new_tokens=0),
     "long": dict(num_beams=3, max_new_tokens=30, min_new_tokens=0),
+    "early_stopping_true": dict(num_beams=4, early_stopping=True, min_new_tokens=0),
+    "early_stopping_never": dict(num_beams=3, early_stopping="never", length_penalty=1.5, min_new_tokens=0,
+                                 max_new_tokens=15),
+    "early_stopping_never_negative_penalty": dict(num_beams=3, early_stopping="never", length_penalty=-0.5),
 }
 PROMPTS = [None, "a picture of"]
 IMAGES = 3
@@ -50,12 +54,12 @@ def _prompt_ids(processor, decoder, prompt):
     return [decoder.config.bos_token_id] + ids[1:-1]
 
 
-def _reference(path, processor, pixels, i, prompt, options):
+def _reference(path, processor, pixels, i, prompt, options, **extra):
     inputs = {"pixel_values": pixels[i : i + 1]}
     if prompt is not None:
         inputs.update(processor.tokenizer(prompt, return_tensors="pt"))
         inputs.pop("token_type_ids", None)
-    return reference.generate(path, inputs, **options)
+    return reference.generate(path, inputs, **options, **extra)
 
 
 def test_captions_and_scores_equal_transformers(setup):
@@ -134,7 +138,22 @@ def test_cancelled_items_leave_the_batch(setup):
     ]
 
 
-def test_requests_joining_and_leaving_a_running_loop_decode_as_if_alone(setup):
+@pytest.fixture(params=["fresh_memory", "dirty_memory"])
+def memory(request, monkeypatch):
+    """dirty_memory: every uninitialised tensor starts as NaN, as recycled memory may (a masked attention
+    weight of 0 times a NaN is still NaN, so a cache that reads such memory is wrong only on some machines)."""
+    if request.param == "dirty_memory":
+        empty, empty_like = torch.empty, torch.empty_like
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: _nan_filled(empty(*a, **k)))
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _nan_filled(empty_like(*a, **k)))
+    return request.param
+
+
+def _nan_filled(tensor):
+    return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+
+def test_requests_joining_and_leaving_a_running_loop_decode_as_if_alone(setup, memory):
     """In flight: requests join at different steps (taking slots others left, widening the rows per slot when
     a request with more beams arrives) and leave as they finish; each gets what it gets alone."""
     from caption_generation import DecodeLoop
@@ -185,3 +204,43 @@ def test_a_slot_left_by_a_cancelled_request_is_reused_cleanly(setup):
     for key, image in (("b", 1), ("c", 2)):
         alone = generate(decoder, embeds[image : image + 1], [bos], [options])[0]
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
+
+
+SAMPLING = {  # a seed means what it means in transformers: torch.manual_seed(seed) before generate()
+    "sample": dict(num_beams=1, do_sample=True, seed=5, temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=2,
+                   num_return_sequences=2, repetition_penalty=1.2, no_repeat_ngram_size=2),
+    "sample_plain": dict(num_beams=1, do_sample=True, seed=6, min_new_tokens=0),
+    "beam_sample": dict(num_beams=3, do_sample=True, seed=7, temperature=1.3, top_k=0, top_p=0.8,
+                        num_return_sequences=2),
+    "beam_sample_penalties": dict(num_beams=4, do_sample=True, seed=8, repetition_penalty=1.5, no_repeat_ngram_size=2,
+                                  length_penalty=0.5, max_new_tokens=12),
+}
+
+
+def test_seeded_sampling_and_beam_sampling_equal_transformers_whatever_shares_the_loop(setup):
+    """Each sampled request equals torch.manual_seed(seed) + generate(do_sample=True) for its image alone, while
+    requests with other options and seeds join and leave the loop around it."""
+    from caption_generation import DecodeLoop
+
+    path, processor, pixels, embeds, decoder = setup
+    plan = []
+    for k, (name, case) in enumerate(SAMPLING.items()):
+        for prompt in PROMPTS:
+            plan.append((len(plan) % 3, k % IMAGES, prompt, case))  # (joining step, image, prompt, options)
+    neighbours = [(1, 1, None, dict(num_beams=5)), (2, 2, "a picture of", dict(num_beams=1, do_sample=True, seed=99)),
+                  (0, 0, None, dict(num_beams=1, min_new_tokens=0, max_new_tokens=3))]
+    everything = plan + neighbours
+    loop = DecodeLoop(decoder, columns=64)
+    results, step = {}, 0
+    while step <= 2 or len(loop):
+        for key, (at, image, prompt, case) in enumerate(everything):
+            if at == step:
+                loop.add(key, embeds[image], _prompt_ids(processor, decoder, prompt),
+                         GenerationOptions().with_values(**case))
+        results.update(loop.step())
+        step += 1
+    for key, (_, image, prompt, case) in enumerate(plan):
+        texts, scores = _reference(path, processor, pixels, image, prompt, case)
+        ours = results[key]
+        assert [processor.decode(h.tokens, skip_special_tokens=True) for h in ours] == texts, (case, prompt)
+        assert [h.score for h in ours] == pytest.approx(scores, rel=1e-5, abs=1e-4), (case, prompt)

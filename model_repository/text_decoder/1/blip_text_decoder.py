@@ -148,7 +148,9 @@ class RowCache:
         new_rows = (old_rows // self.width) * new_width + old_rows % self.width
         shape = list(self.kv.shape)
         shape[2] = new_slots * new_width
-        kv = torch.empty(shape, device=self.device, dtype=self.dtype)
+        # Zeros, not empty: attention reads columns past a row's length (masked to a weight of exactly 0), and
+        # 0 * a NaN left in uninitialised memory would still be NaN.
+        kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         kv[:, :, new_rows] = self.kv
         tokens = torch.full((shape[2], self.columns), self.config.vocab_size, device=self.device, dtype=torch.long)
         tokens[new_rows] = self.tokens
@@ -179,7 +181,7 @@ class RowCache:
         """Row i of the first len(order) rows becomes old row order[i] (beams), over the filled `columns` only:
         one gather into the spare buffer, which then becomes the cache."""
         if self._spare is None or self._spare.shape != self.kv.shape:
-            self._spare = torch.empty_like(self.kv)
+            self._spare = torch.zeros_like(self.kv)  # zeros for the reason given in ensure()
         torch.index_select(self.kv[:columns, :, : len(order)], 2, order, out=self._spare[:columns, :, : len(order)])
         self.kv, self._spare = self._spare, self.kv
         self.tokens[: len(order)] = self.tokens[order]
@@ -203,7 +205,9 @@ class BlipTextDecoder:
         def w(name: str) -> torch.Tensor:
             if name not in weights:
                 raise KeyError(f"decoder weights lack {name!r}")
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+            # A copy of its own: tensors loaded from a file may be views of one buffer holding every weight, which
+            # keeping any one of them would keep in memory whole.
+            return weights[name].to(device=self.device, dtype=dtype, copy=True).contiguous()
 
         def linear(*prefixes: str) -> Linear | Int8Linear:
             kind = Int8Linear if int8 else Linear
