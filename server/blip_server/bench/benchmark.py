@@ -21,8 +21,7 @@ are compared with fp32's. It writes results.json, results.md and throughput.png 
 from __future__ import annotations
 
 import json
-import os
-import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +65,12 @@ def _scenes(count: int, seed: int = 7) -> list[bytes]:
     return [encode(render(rng), rng, fmt="JPEG", quality=90, orientation=1) for _ in range(count)]
 
 
+def _progress(row: dict) -> dict:
+    print(f"blip-bench: {row['name']}: {row['seconds_per_caption']:.3f} s per caption, "
+          f"{row['captions_per_second']:.2f} captions/s", file=sys.stderr, flush=True)
+    return row
+
+
 def _row(name: str, seconds: float, latencies: list[float], captions: int, **extra) -> dict:
     return {"name": name, "captions": captions, "seconds": seconds, "captions_per_second": captions / seconds,
             "seconds_per_caption": seconds / captions, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
@@ -100,8 +105,8 @@ def run_transformers(settings: Settings, images: list[bytes]) -> tuple[list[dict
             t = time.perf_counter()
             texts += caption(images[i: i + size])
             latencies += [time.perf_counter() - t] * len(images[i: i + size])
-        rows.append(_row(f"transformers, batch {size}", time.perf_counter() - started, latencies, len(images),
-                         kind="transformers", batch=size))
+        rows.append(_progress(_row(f"transformers, batch {size}", time.perf_counter() - started, latencies,
+                                   len(images), kind="transformers", batch=size)))
         if size == 1:
             one_by_one = texts
     return rows, one_by_one
@@ -190,7 +195,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                     row["decoder_s_per_caption"] = decoder["compute_s"] / len(images)
                     # A step reads the weights once for every request in it: its floor is shared by them.
                     row["decoder_floor_s_per_caption"] = floor / settings.tokens * steps_per_caption
-                    rows.append(row)
+                    rows.append(_progress(row))
                     texts[(route, concurrency)] = answers
             memory = serve.memory()
             overtaking = _overtaking(sdk) if settings.overtaking else None

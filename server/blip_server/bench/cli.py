@@ -43,7 +43,12 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import importlib.util
     import os
+
+    if importlib.util.find_spec("matplotlib") is None:  # found now, not after minutes of measuring
+        print("blip-bench run plots with matplotlib: pip install 'blip-caption-service[bench]'", file=sys.stderr)
+        return 2
 
     from blip_server.bench.benchmark import Settings, run
     from blip_server.bench.report import write
