@@ -1,4 +1,4 @@
-"""Every config.pbtxt parses with Triton's model_config.proto, and the ensemble is the contract of DESIGN.md."""
+"""Every config.pbtxt parses with Triton's model_config.proto, and the ensemble is the contract of docs/tensors.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from blip_server.repository import MODELS, parse_config, template_directory
 TEMPLATE = template_directory()
 CONFIGS = sorted(TEMPLATE.glob("*/config.pbtxt"))
 
-# DESIGN.md: the public tensors of `blip_caption`.
+# docs/tensors.md: the public tensors of `blip_caption`.
 ENSEMBLE_INPUTS = {
     "IMAGE": mc.TYPE_STRING, "PROMPT": mc.TYPE_STRING,
     "NUM_BEAMS": mc.TYPE_INT32, "MAX_NEW_TOKENS": mc.TYPE_INT32, "MIN_NEW_TOKENS": mc.TYPE_INT32,
@@ -80,7 +80,8 @@ def test_the_client_side_option_table_matches_the_ensemble():
     for field, (name, datatype, _) in OPTION_TENSORS.items():
         assert inputs[name] == mc.DataType.Value(f"TYPE_{datatype}")
         assert TRITON_INPUTS[name][0] == field
-    assert set(OPTION_TENSORS) == set(GenerationOptions.names())
+    # early_stopping is the checkpoint's (generation_config.json), never a request's
+    assert set(OPTION_TENSORS) == set(GenerationOptions.names()) - {"early_stopping"}
 
 
 def test_the_preprocess_config_states_every_default_as_the_generation_options_have_it():
@@ -90,3 +91,15 @@ def test_the_preprocess_config_states_every_default_as_the_generation_options_ha
     stated = {k[len("default_"):] for k in params if k.startswith("default_")}
     assert stated == set(GenerationOptions.names()) - {"seed"}
     assert from_parameters(GenerationOptions, params, "default_") == GenerationOptions()
+
+
+def test_the_decoder_batches_in_flight_and_never_frees_a_sequence_mid_caption():
+    """Triton frees the slot of a sequence idle for max_sequence_idle_microseconds (1 s by default), counting the
+    time its request spends executing: a request handed back after a longer step would be refused and its caller
+    never answered (seen with BLIP-large steps on two cores)."""
+    config = parse_config(TEMPLATE / "text_decoder" / "config.pbtxt")
+    batching = config.sequence_batching
+    assert batching.iterative_sequence and batching.HasField("oldest")
+    assert batching.oldest.max_queue_delay_microseconds == 0
+    assert batching.max_sequence_idle_microseconds >= 600 * 10**6
+    assert parse_config(TEMPLATE / "blip_caption" / "config.pbtxt").max_batch_size == 1
