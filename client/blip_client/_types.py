@@ -81,9 +81,11 @@ class ModelInfo:
     precision: str
     defaults: GenerationOptions
     limits: Limits
+    early_stopping: str = "false"
 
     @classmethod
     def from_pb(cls, message: caption_pb2.ModelInfo) -> "ModelInfo":
         limits = Limits(**{f.name: getattr(message.limits, f.name) for f in fields(Limits)})
         return cls(message.model, message.source_checkpoint, message.image_height, message.image_width,
-                   message.precision, GenerationOptions.from_pb(message.defaults), limits)
+                   message.precision, GenerationOptions.from_pb(message.defaults), limits,
+                   message.early_stopping or "false")

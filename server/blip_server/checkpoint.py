@@ -71,6 +71,41 @@ def decoder_config(text_config) -> dict:
     }
 
 
+# generation_config.json keys the service honours: the request options of the same names, transformers' stopping
+# rule, and lengths counted in total tokens (prompt included), which preprocess turns into new tokens.
+GENERATION_OPTIONS = ("num_beams", "num_return_sequences", "max_new_tokens", "min_new_tokens", "length_penalty",
+                      "repetition_penalty", "no_repeat_ngram_size", "do_sample", "temperature", "top_k", "top_p",
+                      "early_stopping")
+GENERATION_LENGTHS = ("max_length", "min_length")
+# Keys that say nothing about how to generate (token ids come from the model's config; BLIP's generate passes its
+# own), or only about what generate() returns.
+_GENERATION_IGNORED = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
+                       "transformers_version", "_from_model_config", "use_cache", "return_dict_in_generate",
+                       "output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+def generation_settings(directory: Path) -> dict:
+    """The generation settings a checkpoint's generation_config.json holds ({} without one).
+
+    Refuses a file that sets what the service does not implement (typical_p, diversity penalties, forced or
+    suppressed tokens, ...): captions would silently differ from transformers'."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    from transformers import GenerationConfig
+
+    settings = json.loads(path.read_text())
+    defaults = GenerationConfig().to_dict()
+    unsupported = sorted(key for key, value in settings.items()
+                         if key not in GENERATION_OPTIONS + GENERATION_LENGTHS + _GENERATION_IGNORED
+                         and value != defaults.get(key))
+    if unsupported:
+        raise ExportError(f"{path} sets {', '.join(f'{k}={settings[k]!r}' for k in unsupported)}, which the service "
+                          "does not implement")
+    return {key: settings[key] for key in GENERATION_OPTIONS + GENERATION_LENGTHS
+            if key in settings and settings[key] is not None}
+
+
 def check_layout(directory: Path) -> None:
     """Clear errors for a directory that is not a BLIP captioning checkpoint."""
     if not directory.is_dir():

@@ -31,10 +31,23 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blip_server.checkpoint import check_layout, content_digest, decoder_config, image_settings
+from blip_server.checkpoint import (
+    GENERATION_OPTIONS,
+    check_layout,
+    content_digest,
+    decoder_config,
+    generation_settings,
+    image_settings,
+)
 from blip_server.config import PRECISIONS
 from blip_server.errors import ExportError
-from blip_server.model_configs import EncoderShape, add_parameters, write_container_encoder_configs, write_python_gpu_configs
+from blip_server.model_configs import (
+    EncoderShape,
+    add_parameters,
+    set_parameters,
+    write_container_encoder_configs,
+    write_python_gpu_configs,
+)
 from blip_server.repository import MANIFEST, SHARED_MODULES, shared_directory, template_directory
 
 log = logging.getLogger(__name__)
@@ -130,6 +143,7 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     add_parameters(output / "preprocess" / "config.pbtxt", "What is served (blip-export); GetModelInfo reports it.",
                    source_checkpoint=checkpoint, precision=options.precision,
                    image_height=images["height"], image_width=images["width"])
+    set_parameters(output / "preprocess" / "config.pbtxt", **_generation_defaults(checkpoint))
     if options.target == "triton-container":
         tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
         write_container_encoder_configs(output / "vision_encoder",
@@ -153,6 +167,28 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     _write_json(output / MANIFEST, manifest)
     log.info("exported in %.1f s", time.monotonic() - started)
     return manifest
+
+
+def _generation_defaults(checkpoint: Path) -> dict[str, str]:
+    """`default_*` parameters of preprocess for what the checkpoint's generation_config.json sets, checked
+    against the limits (a default no request could use is an error now, not on every request)."""
+    from blip_server.shared.generation_options import GenerationLimits, GenerationOptions, OptionError
+
+    settings = generation_settings(checkpoint)
+    render = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    defaults = {f"default_{k}": render(v) for k, v in settings.items() if k in GENERATION_OPTIONS}
+    for length, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if length in settings and new not in settings:  # counted in total tokens: BOS alone, without a prompt
+            defaults[f"default_{length}"] = str(settings[length])
+            defaults[f"default_{new}"] = str(max(0, settings[length] - 1))
+    probe = GenerationOptions().with_values(**{k: v for k, v in settings.items() if k in GENERATION_OPTIONS})
+    try:
+        probe.validate(GenerationLimits(), prompt_tokens=1, max_positions=1 << 30)
+    except OptionError as exc:
+        raise ExportError(f"the checkpoint's generation_config.json: {exc}") from None
+    if defaults:
+        log.info("generation defaults from the checkpoint: %s", defaults)
+    return defaults
 
 
 def _write_json(path: Path, value) -> None:

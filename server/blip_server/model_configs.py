@@ -52,6 +52,24 @@ def add_parameters(path: Path, comment: str, **values) -> None:
         f.write(f"# {comment}\n" + text_format.MessageToString(extra))
 
 
+def set_parameters(path: Path, **values) -> None:
+    """Set string parameters of a config.pbtxt, keeping its text and comments: a parameter's value is replaced
+    where it is, one the file lacks is appended."""
+    import re
+
+    text = path.read_text()
+    missing = {}
+    for key, value in values.items():
+        rendered = text_format.MessageToString(mc.ModelParameter(string_value=str(value)), as_one_line=True)
+        pattern = re.compile(r'(parameters \{ key: "' + re.escape(key) + r'" value: )\{[^}]*\}')
+        text, found = pattern.subn(lambda m: m.group(1) + "{ " + rendered + " }", text)
+        if not found:
+            missing[key] = value
+    path.write_text(text)
+    if missing:
+        add_parameters(path, "Set by blip-export.", **missing)
+
+
 def _gpu_instances(config: mc.ModelConfig) -> None:
     del config.instance_group[:]
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)

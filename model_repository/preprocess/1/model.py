@@ -1,6 +1,6 @@
 """Triton Python model `preprocess`: one caption request -> what the encoder and the decoder need.
 
-Inputs (per item): IMAGE BYTES [1]; PROMPT BYTES [1] (optional, UTF-8); the generation options of DESIGN.md
+Inputs (per item): IMAGE BYTES [1]; PROMPT BYTES [1] (optional, UTF-8); the generation options listed in docs/tensors.md
 (each optional, [1]).
 Outputs (per item): PIXEL_VALUES FP32 [3, H, W]; PROMPT_IDS INT64 [P] (BOS first; right-padded with -1 when
 the items of one request have prompts of different lengths); GENERATION_OPTIONS BYTES [1] (the options with
@@ -62,6 +62,9 @@ class TritonPythonModel:
             max_tokens=int(params.get("max_prompt_tokens") or 64),
         )
         self.defaults = from_parameters(GenerationOptions, params, "default_")
+        # A checkpoint that counts lengths in total tokens: what is left for new ones depends on the prompt.
+        self.max_length = int(params.get("default_max_length") or 0)
+        self.min_length = int(params.get("default_min_length") or 0)
         self.limits = from_parameters(GenerationLimits, params, "limit_")
         threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
@@ -119,7 +122,8 @@ class TritonPythonModel:
                     raise PromptError(f"the prompt is {len(raw)} bytes long; the limit is {self.max_prompt_bytes}")
                 text = None if raw is None else raw.decode("utf-8")
                 ids = self.prompts(text)
-                resolved = self.defaults.with_values(**{field: values[i] for field, values in options.items()})
+                given = {field: values[i] for field, values in options.items()}
+                resolved = self._resolve(given, len(ids))
                 resolved.validate(self.limits, len(ids), self.max_positions)
             except UnicodeDecodeError:
                 raise _BadRequest(f"{where}PROMPT is not valid UTF-8") from None
@@ -140,6 +144,24 @@ class TritonPythonModel:
             prompt_ids[row, : len(ids)] = ids
         resolved = np.array([[r.to_json().encode()] for _, r in items], dtype=np.object_)
         return np.stack(pixels), prompt_ids, resolved
+
+    def _resolve(self, given: dict, prompt_tokens: int) -> GenerationOptions:
+        """The request's options over the defaults; lengths the checkpoint counts in total tokens become new tokens
+        for this prompt, and a default min_new_tokens never exceeds max_new_tokens (transformers would stop at
+        the maximum anyway)."""
+        resolved = self.defaults.with_values(**given)
+        derived = {}
+        if self.max_length and "max_new_tokens" not in given:
+            if self.max_length <= prompt_tokens:
+                raise OptionError(f"the prompt is {prompt_tokens} tokens long and the checkpoint's max_length "
+                                  f"({self.max_length} tokens in all) leaves no room: set max_new_tokens")
+            derived["max_new_tokens"] = self.max_length - prompt_tokens
+        if self.min_length and "min_new_tokens" not in given:
+            derived["min_new_tokens"] = max(0, self.min_length - prompt_tokens)
+        resolved = resolved.with_values(**derived)
+        if "min_new_tokens" not in given and resolved.min_new_tokens > resolved.max_new_tokens:
+            resolved = resolved.with_values(min_new_tokens=resolved.max_new_tokens)
+        return resolved
 
     def finalize(self):
         self.pool.shutdown(wait=True)

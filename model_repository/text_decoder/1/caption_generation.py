@@ -106,6 +106,11 @@ class _Group:
         self.ngram = per_request([o.no_repeat_ngram_size for o in options])
         self.ngram_sizes = sorted({o.no_repeat_ngram_size for o in options} - {0})
         self.length_penalty = per_request([float(o.length_penalty) for o in options], torch.float64)
+        self.stop_when_full = per_request([o.early_stopping is True for o in options], torch.bool)
+        # early_stopping "never" with a positive length penalty: the best a running beam could reach is judged at
+        # the longest length it could reach, as transformers does.
+        self.judge_at_max = per_request([o.early_stopping == "never" and o.length_penalty > 0 for o in options],
+                                        torch.bool)
         self.repetition_penalty = self._rows(per_request([float(o.repetition_penalty) for o in options], torch.float32))
         self.penalised = bool((self.repetition_penalty != 1.0).any())
         self.temperature = self._rows(per_request([float(o.temperature) for o in options], torch.float32))
@@ -250,6 +255,8 @@ class _BeamGroup(_Group):
         just_finished = hits & self.top_n_mask[None, :]
         divisor = ((self.steps + 1).double() ** self.length_penalty).float()
         finished_lp = top_lp / divisor[:, None]
+        full = self.is_finished.all(dim=1, keepdim=True) & self.stop_when_full[:, None]
+        finished_lp = finished_lp + full.to(torch.float32) * _NEG
         finished_lp = finished_lp + (~self.improvable).to(torch.float32) * _NEG
         finished_lp = finished_lp + (~just_finished) * _NEG
         merged_scores = torch.cat((self.finished_scores, finished_lp), dim=1)
@@ -263,10 +270,11 @@ class _BeamGroup(_Group):
         self.is_finished = merged_is_finished.gather(1, best)
 
         # g. can a running beam still beat the worst finished one?
-        best_running = self.running_scores[:, :1] / divisor[:, None]
+        hypothetical = torch.where(self.judge_at_max, self.max_new, self.steps + 1)
+        best_running = self.running_scores[:, :1] / (hypothetical.double() ** self.length_penalty).float()[:, None]
         worst_finished = torch.where(self.is_finished, torch.min(self.finished_scores, dim=1, keepdim=True)[0], _NEG)
         self.improvable = self.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-        done = ~self.improvable.squeeze(1) | hits.all(dim=1)
+        done = ~self.improvable.squeeze(1) | hits.all(dim=1) | (self.is_finished.all(dim=1) & self.stop_when_full)
 
         tokens = self.running.gather(2, self.steps[:, None, None].expand(-1, n, 1)).reshape(-1)
         sources = (source_beam + torch.arange(r, device=self.device)[:, None] * n).reshape(-1)
@@ -312,6 +320,10 @@ class DecodeLoop:
     def __len__(self) -> int:
         return len(self.requests) + len(self._queue)
 
+    def rows(self) -> int:
+        """Rows the next step decodes: those of the requests in flight and queued."""
+        return sum(r.n for r in self.requests.values()) + sum(r.n for r, _ in self._queue)
+
     def add(self, key: Hashable, image_embeds: torch.Tensor, prompt: list[int], options: GenerationOptions) -> None:
         """Admit a request at the next step: image_embeds [L, E]; prompt starts with BOS; options validated."""
         if len(prompt) + options.max_new_tokens > self.columns:
@@ -342,7 +354,7 @@ class DecodeLoop:
         with torch.inference_mode():
             queued = self._place()
             rows = self._used * self.cache.width
-            logits = torch.empty((rows, self.decoder.config.vocab_size), device=self.device)
+            logits = torch.zeros((rows, self.decoder.config.vocab_size), device=self.device)
             if self.requests:  # one forward for every row in flight
                 logits = self.decoder.decode(self.cache, rows, self.cache.image_tokens)
                 self.cache.lengths[:rows] *= self._live[:rows]  # rows without a request stay empty

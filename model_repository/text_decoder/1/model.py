@@ -89,8 +89,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"]
-        threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
-        torch.set_num_threads(threads)
+        self.threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
+        # A step of a few rows reads weights at the speed of memory, which one thread already reaches: more threads
+        # only add synchronisation and take a core from the encoder. Steps of more rows compute: all threads.
+        self.rows_per_thread = int(params.get("rows_per_thread") or 8)
+        torch.set_num_threads(self.threads)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             if not torch.cuda.is_available():
@@ -138,6 +141,9 @@ class TritonPythonModel:
 
         if len(self.loop):
             try:
+                threads = max(1, min(self.threads, self.loop.rows() // self.rows_per_thread))
+                if threads != torch.get_num_threads():
+                    torch.set_num_threads(threads)
                 self.done.update(self.loop.step())
             except Exception:  # noqa: BLE001 - the loop's state is unknown: fail what is in flight, start afresh
                 pb_utils.Logger.log_error(f"text_decoder: a decode step failed:\n{traceback.format_exc()}")

@@ -188,6 +188,7 @@ class Captioner:
                 image_height=int(params.get("image_height") or 0),
                 image_width=int(params.get("image_width") or 0),
                 precision=params.get("precision", ""),
+                early_stopping=(params.get("default_early_stopping") or "false").strip().lower(),
                 defaults=defaults,
                 limits={
                     "max_image_bytes": self.limits.max_image_bytes,

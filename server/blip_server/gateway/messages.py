@@ -110,6 +110,7 @@ class ModelDescription:
     precision: str
     defaults: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
+    early_stopping: str = "false"
 
     def to_pb(self) -> caption_pb2.ModelInfo:
         return caption_pb2.ModelInfo(
@@ -120,4 +121,5 @@ class ModelDescription:
             precision=self.precision,
             defaults=options_to_pb(self.defaults),
             limits=caption_pb2.Limits(**self.limits),
+            early_stopping=self.early_stopping,
         )

@@ -39,7 +39,10 @@ def from_parameters(cls, parameters: dict[str, str], prefix: str):
         raw = parameters.get(prefix + f.name)
         if raw:
             kind = type(getattr(base, f.name))
-            values[f.name] = raw.strip().lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            if f.name == "early_stopping" and raw.strip().lower() == "never":
+                values[f.name] = "never"
+            else:
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes") if kind is bool else kind(raw)
     return replace(base, **values)
 
 
@@ -73,6 +76,9 @@ class GenerationOptions:
     top_k: int = 50
     top_p: float = 1.0
     seed: int | None = None
+    # Beam search's stopping rule, as transformers' `early_stopping`: False (its heuristic), True (stop once
+    # num_beams captions are finished) or "never". Set by a checkpoint's generation_config.json, not by requests.
+    early_stopping: bool | str = False
 
     @classmethod
     def names(cls) -> list[str]:
@@ -100,6 +106,11 @@ class GenerationOptions:
             raise OptionError(f"GENERATION_OPTIONS is not a JSON object of generation options: {exc}") from None
         for f in fields(cls):
             value = getattr(options, f.name)
+            if f.name == "early_stopping":
+                if not (value is True or value is False or value == "never"):
+                    raise OptionError(f"GENERATION_OPTIONS: early_stopping must be true, false or \"never\", not "
+                                      f"{value!r}")
+                continue
             if f.name == "seed":
                 if value is None:
                     continue
@@ -159,6 +170,8 @@ class GenerationOptions:
             "greater than 0 and at most 100",
         )
         in_range("top_k", 0, 1_000_000)
+        check("early_stopping", self.early_stopping is True or self.early_stopping is False
+              or self.early_stopping == "never", 'true, false or "never"')
         check("top_p", 0.0 < self.top_p <= 1.0, "greater than 0 and at most 1")
         if self.seed is not None:
             in_range("seed", 0, 2**63 - 1)

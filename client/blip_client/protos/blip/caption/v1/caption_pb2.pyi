@@ -113,7 +113,7 @@ class Limits(_message.Message):
     def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_num_return_sequences: _Optional[int] = ..., max_no_repeat_ngram_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "source_checkpoint", "image_height", "image_width", "defaults", "limits", "precision")
+    __slots__ = ("model", "source_checkpoint", "image_height", "image_width", "defaults", "limits", "precision", "early_stopping")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class ModelInfo(_message.Message):
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     model: str
     source_checkpoint: str
     image_height: int
@@ -128,4 +129,5 @@ class ModelInfo(_message.Message):
     defaults: GenerationOptions
     limits: Limits
     precision: str
-    def __init__(self, model: _Optional[str] = ..., source_checkpoint: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., defaults: _Optional[_Union[GenerationOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., precision: _Optional[str] = ...) -> None: ...
+    early_stopping: str
+    def __init__(self, model: _Optional[str] = ..., source_checkpoint: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., defaults: _Optional[_Union[GenerationOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., precision: _Optional[str] = ..., early_stopping: _Optional[str] = ...) -> None: ...
