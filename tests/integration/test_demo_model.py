@@ -92,3 +92,19 @@ def test_unconditional_captions_do_not_start_with_the_prompt(demo_service):
     with CaptionClient(demo_service.address) as client:
         captions = [r.text for r in client.caption_many([d for d, _ in scenes(16, SEED + 2)])]
     assert not any(c.startswith(PROMPT) for c in captions)
+
+
+def test_seeded_sampling_on_the_demo_model_equals_transformers(demo_service):
+    from blip_client import CaptionClient, GenerationOptions
+    from support.sampling import sampled_requests_equal_transformers
+
+    rng = random.Random(5)
+    kinds = {f"scene_{i}": encode(render(rng), rng) for i in range(2)}
+    client = CaptionClient(demo_service.address, timeout=120)
+
+    def call(image, prompt, options):
+        result = client.caption(image, prompt=prompt or "", options=GenerationOptions(**options))
+        return [c.text for c in result.captions], [c.score for c in result.captions]
+
+    sampled_requests_equal_transformers(call, str(demo_checkpoint()), kinds, list(kinds))
+    client.close()

@@ -37,19 +37,41 @@ def caption(checkpoint: str, image: bytes, prompt: str | None = None, **options)
     return generate(checkpoint, inputs, **options)
 
 
-def generate(checkpoint: str, inputs: dict, **options) -> tuple[list[str], list[float]]:
+def generate(checkpoint: str, inputs: dict, seed: int | None = None, generation_config=None,
+             **options) -> tuple[list[str], list[float]]:
     """Captions and scores from BlipForConditionalGeneration.generate, service defaults for unset options.
 
-    Scores: beam search reports `sequences_scores`; for greedy decoding the sum of the token log-probabilities
-    (`compute_transition_scores(normalize_logits=True)`) over generated length ** length_penalty.
+    A seed means what it means in transformers: `torch.manual_seed(seed)` right before `generate()`. With a
+    `generation_config` (the checkpoint's), the service's defaults fill in only what it leaves unset.
+
+    Scores: beam search reports `sequences_scores`; for greedy decoding and sampling the sum of each sequence's
+    token log-probabilities (`compute_transition_scores(normalize_logits=True)`, of the processed
+    distribution) over its generated length ** length_penalty, best first.
     """
     model, processor = load(checkpoint)
-    options = {**SERVICE_DEFAULTS, **options}
+    if generation_config is not None:
+        config = generation_config.to_diff_dict()
+        options = {**{k: v for k, v in SERVICE_DEFAULTS.items()
+                      if k not in config and not (k == "max_new_tokens" and "max_length" in config)
+                      and not (k == "min_new_tokens" and "min_length" in config)}, **options}
+        options["generation_config"] = generation_config
+    else:
+        options = {**SERVICE_DEFAULTS, **options}
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(**inputs, **options, output_scores=True, return_dict_in_generate=True)
     texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
-    if options["num_beams"] > 1:
+    beams = options.get("num_beams", getattr(generation_config, "num_beams", 1) or 1)
+    if beams > 1:
         return texts, out.sequences_scores.tolist()
     transitions = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-    length = transitions.shape[1]
-    return texts, [float(transitions[0].sum()) / length ** options.get("length_penalty", 1.0)]
+    eos = model.config.text_config.sep_token_id
+    penalty = options.get("length_penalty", getattr(generation_config, "length_penalty", 1.0) or 1.0)
+    scores = []
+    for row, sequence in zip(transitions, out.sequences):
+        generated = sequence[-transitions.shape[1]:].tolist()  # a finished row is padded after its end
+        length = generated.index(eos) + 1 if eos in generated else len(generated)
+        scores.append(float(row[:length].sum()) / length ** penalty)
+    order = sorted(range(len(texts)), key=lambda i: -scores[i])
+    return [texts[i] for i in order], [scores[i] for i in order]
