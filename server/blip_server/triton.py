@@ -26,6 +26,7 @@ from blip_server.errors import TritonStartError
 from blip_server.memory import MALLOC_ENVIRONMENT
 
 _PR_SET_PDEATHSIG = 1
+_SHM_PREFIX = "triton_python_backend_shm_region_"
 # Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
@@ -104,6 +105,7 @@ class EmbeddedTriton:
         self._process: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="blip-triton-"))
         self._admin_key = secrets.token_hex(16)
+        self._shm_regions: set[str] = set()
         self.log_path = Path(options.log_path) if options.log_path else self._workdir / "tritonserver.log"
 
     def __enter__(self) -> "EmbeddedTriton":
@@ -199,6 +201,7 @@ class EmbeddedTriton:
                 code = self._process.returncode if self._process else None
                 raise TritonStartError(f"tritonserver exited with status {code} while starting:\n{self.log_tail()}")
             if self.is_ready():
+                self._note_shared_memory()
                 return
             time.sleep(0.2)
         self.stop()
@@ -237,13 +240,30 @@ class EmbeddedTriton:
         process = self._process
         if process is None:
             return None
+        self._note_shared_memory()
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         process.wait()
         _wait_group_gone(process.pid)
+        self._remove_shared_memory()
         return process.returncode
+
+    def _note_shared_memory(self) -> None:
+        """Remember the shared-memory regions of the Python-backend stubs (the stubs' last argument names them)."""
+        if self._process is not None:
+            for command in procfs.children(self._process.pid).values():
+                self._shm_regions.update(w for w in command.split() if w.startswith(_SHM_PREFIX))
+
+    def _remove_shared_memory(self) -> None:
+        """A killed Triton leaves its regions in /dev/shm, where they hold memory until removed: remove them."""
+        for name in self._shm_regions:
+            try:
+                os.unlink(Path("/dev/shm") / name)
+            except FileNotFoundError:
+                pass
+        self._shm_regions.clear()
 
     def cleanup(self) -> None:
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 import threading
 import time
 
 import grpc
 import pytest
 import trustme
-import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -66,6 +66,9 @@ def test_a_fault_is_detected_answered_unavailable_and_repaired(served, fault):
     with CaptionClient(served.address, retry=None, timeout=60) as client:
         assert client.caption(KINDS["png"]).text == expected
         (triton,) = served.children()
+        regions = {word for command in procfs.children(triton).values() for word in command.split()
+                   if word.startswith("triton_python_backend_shm_region_")}
+        assert regions
         if fault == "SIGSTOP tritonserver":
             os.kill(triton, signal.SIGSTOP)
         else:
@@ -86,6 +89,7 @@ def test_a_fault_is_detected_answered_unavailable_and_repaired(served, fault):
     log = served.log()
     assert ("died" if fault.startswith("stub") else "hung or stopped") in log and "Triton is ready again" in log
     assert wait_gone(triton, timeout=10), "the old Triton's processes outlived the restart"
+    assert not [r for r in regions if (Path("/dev/shm") / r).exists()], "the old Triton's shared memory was left"
 
 
 def test_triton_administrative_apis_are_closed_and_serving_apis_open(servers):
