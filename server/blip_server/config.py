@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 PRECISIONS = ("fp32", "fp16", "int8")
+IMAGE_PROCESSORS = ("pil", "torchvision")
 DEVICES = ("cpu", "cuda")
 
 
@@ -83,6 +84,9 @@ class ServeConfig(GatewayOptions):
                                       "checkpoint")
     precision: str = option("fp32", "precision to export a checkpoint at: fp32 (exact), int8 (faster on CPUs), "
                                     "fp16 (GPUs; needs --device cuda)", choices=PRECISIONS)
+    image_processor: str = option("pil", "which transformers BlipImageProcessor a checkpoint's pixels equal: "
+                                         "pil (transformers without torchvision installed, as in a plain "
+                                         "install) or torchvision (with it)", choices=IMAGE_PROCESSORS)
     device: str = option("cpu", "where the encoder and decoder run: cpu, or cuda (an NVIDIA GPU, with "
                                 "onnxruntime-gpu and a CUDA build of torch installed)", choices=DEVICES)
     triton_host: str = option("127.0.0.1", "address Triton binds to (the gateway reaches it on loopback)")

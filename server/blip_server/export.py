@@ -39,7 +39,7 @@ from blip_server.checkpoint import (
     generation_settings,
     image_settings,
 )
-from blip_server.config import PRECISIONS
+from blip_server.config import IMAGE_PROCESSORS, PRECISIONS
 from blip_server.errors import ExportError
 from blip_server.model_configs import (
     EncoderShape,
@@ -53,6 +53,7 @@ from blip_server.repository import MANIFEST, SHARED_MODULES, shared_directory, t
 log = logging.getLogger(__name__)
 
 TARGETS = ("embedded", "triton-container")
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 # Smallest cosine similarity between a lower precision encoder's output vectors and PyTorch's fp32 ones that
 # an export accepts (int8 is measured higher on real architectures: see the README; this floor catches breakage).
 MIN_COSINE = {"fp16": 0.999, "int8": 0.98}
@@ -68,6 +69,9 @@ class ExportOptions:
     opset: ONNX opset of the encoder graph.
     tolerance: largest |onnx - torch| accepted when verifying an fp32 encoder, relative to max |torch|.
     int8_method: how an int8 encoder is quantised, `dynamic` or `static` (see `quantize`).
+    image_processor: which backend of transformers' BlipImageProcessor the pixels equal: `pil` (what
+        `AutoProcessor` picks without torchvision installed, as in a plain install of this package) or
+        `torchvision` (what it picks with torchvision installed).
     """
 
     precision: str = "fp32"
@@ -75,6 +79,7 @@ class ExportOptions:
     opset: int = 17
     tolerance: float = 1e-4
     int8_method: str = "dynamic"
+    image_processor: str = "pil"
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, options: ExportOptions = ExportOptions()) -> dict:
@@ -84,6 +89,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, options: Expor
         raise ExportError(f"precision {options.precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
     if options.target not in TARGETS:
         raise ExportError(f"target {options.target!r} is not supported; choose from {', '.join(TARGETS)}")
+    if options.image_processor not in IMAGE_PROCESSORS:
+        raise ExportError(f"image processor {options.image_processor!r} is not supported; choose from "
+                          f"{', '.join(IMAGE_PROCESSORS)}")
     check_layout(checkpoint)
     if output.exists() and any(output.iterdir()):
         raise ExportError(f"{output} exists and is not empty")
@@ -116,6 +124,10 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
         raise ExportError(f"transformers could not load {checkpoint}: {exc}") from exc
     vision_config, text_config = model.config.vision_config, model.config.text_config
     images = image_settings(processor.image_processor, vision_config.image_size)
+    if options.image_processor == "torchvision" and images["resample"] != BICUBIC:
+        raise ExportError(f"--image-processor torchvision supports bicubic resampling only; this checkpoint "
+                          f"resamples with {images['resample']}")
+    images["backend"] = options.image_processor
 
     shutil.copytree(template_directory(), output, ignore=shutil.ignore_patterns("__pycache__", ".gitkeep"),
                     dirs_exist_ok=True)
@@ -270,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="model repository to create (must not exist or be empty)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--target", choices=TARGETS, default="embedded")
+    parser.add_argument("--image-processor", choices=IMAGE_PROCESSORS, default="pil",
+                        help="which BlipImageProcessor backend the pixels equal: pil (transformers without "
+                             "torchvision installed) or torchvision (with it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        export_checkpoint(args.model, args.output, ExportOptions(precision=args.precision, target=args.target))
+        export_checkpoint(args.model, args.output, ExportOptions(precision=args.precision, target=args.target,
+                                                                    image_processor=args.image_processor))
     except ExportError as exc:
         print(f"blip-export: error: {exc}", file=sys.stderr)
         return 2

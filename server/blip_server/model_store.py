@@ -47,7 +47,8 @@ def export_in_child(checkpoint: Path, output: Path, options: ExportOptions) -> N
     never load into the long-running server (their memory would stay with it). An interrupt stops the child; a
     half-written export is never renamed into place and is cleared by the next one."""
     command = [sys.executable, "-m", "blip_server.export", "--model", str(checkpoint), "--output", str(output),
-               "--precision", options.precision, "--target", options.target]
+               "--precision", options.precision, "--target", options.target,
+               "--image-processor", options.image_processor]
     result = subprocess.run(command, stdout=subprocess.DEVNULL)  # its log and errors go to our stderr
     if result.returncode != 0:
         raise ExportError(f"exporting {checkpoint} failed (blip-export exited with status {result.returncode}; "

@@ -11,8 +11,10 @@ import tritonclient.grpc as grpcclient
 from blip_server.triton import EmbeddedTriton, TritonOptions
 from support.network import free_port
 from support.serve import ServeProcess
+from support.torchvision_reference import TorchvisionReference
 
 _RUNNING: list[EmbeddedTriton] = []
+_TORCHVISION: list[TorchvisionReference] = []
 _SERVING: list[ServeProcess] = []
 
 
@@ -96,3 +98,25 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"blip-serve log (pid {serve.process.pid})", serve.log()[-8000:]))
             if serve.triton_log is not None:
                 report.sections.append(("its tritonserver log", serve.triton_log_tail()))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start building the torchvision environment as soon as a collected test needs it, so that it builds
+    while other tests run."""
+    if any("torchvision_reference" in getattr(item, "fixturenames", ()) for item in items):
+        import tempfile
+        from pathlib import Path
+
+        reference = TorchvisionReference(Path(tempfile.mkdtemp(prefix="blip-torchvision-")))
+        reference.start_building()
+        _TORCHVISION.append(reference)
+
+
+@pytest.fixture(scope="session")
+def torchvision_reference():
+    """transformers with torchvision, in a virtual environment of its own (support.torchvision_reference)."""
+    reference = _TORCHVISION[0]
+    yield reference
+    import shutil
+
+    shutil.rmtree(reference.directory, ignore_errors=True)

@@ -211,3 +211,18 @@ def test_blip_base_and_large_dimensions_export_and_decode_like_transformers(name
         eos = decoder.config.eos_token_id
         trimmed = [row[: row.index(eos, 1) + 1] if eos in row[1:] else row for row in expected.tolist()]
         assert [h.tokens for h in ours[0]] == trimmed
+
+
+def test_the_torchvision_image_processor_is_refused_for_a_resampling_it_does_not_reproduce(checkpoints, tmp_path):
+    def bilinear(path):
+        name = "processor_config.json"
+        config = json.loads((path / name).read_text())
+        (config.get("image_processor", config))["resample"] = 2
+        (path / name).write_text(json.dumps(config))
+
+    checkpoint = _broken(checkpoints["standard"], tmp_path, bilinear)
+    with pytest.raises(ExportError, match="--image-processor torchvision supports bicubic resampling only"):
+        export_checkpoint(checkpoint, tmp_path / "out", ExportOptions(image_processor="torchvision"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="image processor 'opencv' is not supported; choose from pil, torchvision"):
+        export_checkpoint(checkpoints["standard"], tmp_path / "out", ExportOptions(image_processor="opencv"))

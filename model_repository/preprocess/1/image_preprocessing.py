@@ -9,6 +9,10 @@ normalises with the checkpoint's mean and std in float32. Every operation here i
 same order and precision, so pixel values match bit for bit; conversions that would only copy an image already
 in the target mode are skipped, as are copies `exif_transpose` makes of an upright image.
 
+With torchvision installed, `AutoProcessor` picks the torchvision backend of `BlipImageProcessor` instead, and
+its pixels differ slightly (up to a few levels on some pixels): `torchvision_pixel_values` computes those, with
+the torch operations torchvision runs on the CPU, for a repository exported with `--image-processor torchvision`.
+
 Before a pixel is decoded, the header's size is checked against the limits (`image_header`), and the decode
 waits for room in a `DecodeBudget`: concurrent large images take turns instead of multiplying memory.
 """
@@ -26,8 +30,8 @@ import numpy as np
 from image_header import ImageError, ImageLimits, check, open_image
 from PIL import Image, ImageOps
 
-__all__ = ["DecodeBudget", "ImageError", "ImageLimits", "ImageProcessorConfig", "load_image", "pixel_values",
-           "preprocess"]
+__all__ = ["DecodeBudget", "ImageError", "ImageLimits", "ImageProcessorConfig", "PROCESSORS", "load_image",
+           "pixel_values", "preprocess", "torchvision_pixel_values"]
 
 # Bytes a decode may hold per pixel at its peak: the decoded image (up to 4 bytes a pixel, 8 for 16-bit RGBA)
 # beside its RGB (3) or, for transparency, RGBA composite (2 x 4) conversions.
@@ -48,6 +52,7 @@ class ImageProcessorConfig:
     do_normalize: bool
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    backend: str = "pil"  # which BlipImageProcessor the pixels equal: "pil" or "torchvision" (PROCESSORS)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ImageProcessorConfig":
@@ -129,6 +134,38 @@ def pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def torchvision_pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
+    """An RGB image -> float32 [3, height, width], as BlipImageProcessor (torchvision backend) computes it on the
+    CPU: the uint8 image goes channels-first through torch's antialiased bicubic interpolation (what
+    `torchvision.transforms.v2.functional.resize` runs for uint8 CPU tensors, rounding inside the kernel), then
+    to float32, normalised with mean and std divided by rescale_factor (rescaling fused into normalisation)."""
+    import torch
+
+    if config.do_resize and config.resample != BICUBIC:
+        raise ValueError(f"the torchvision image processor is supported with bicubic resampling only, not "
+                         f"resample={config.resample}")
+    rgb = _convert_to_rgb(image) if config.do_convert_rgb else image
+    with warnings.catch_warnings():  # a read-only view of the image, copied channels-first at once
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1).contiguous()[None]
+    if config.do_resize and tuple(tensor.shape[-2:]) != (config.height, config.width):
+        tensor = torch.nn.functional.interpolate(tensor, size=[config.height, config.width], mode="bicubic",
+                                                 align_corners=False, antialias=True)
+    if config.do_normalize:
+        scale = 1.0 / config.rescale_factor if config.do_rescale else 1.0
+        mean = (torch.tensor(config.image_mean) * scale).view(-1, 1, 1)
+        std = (torch.tensor(config.image_std) * scale).view(-1, 1, 1)
+        tensor = tensor.to(torch.float32).sub_(mean).div_(std)
+    elif config.do_rescale:
+        tensor = tensor * config.rescale_factor
+    return np.ascontiguousarray(tensor[0].to(torch.float32).numpy())
+
+
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+# --image-processor: which backend of BlipImageProcessor the pixels equal.
+PROCESSORS = {"pil": pixel_values, "torchvision": torchvision_pixel_values}
+
+
 def preprocess(data: bytes, config: ImageProcessorConfig, limits: ImageLimits,
                budget: DecodeBudget = _UNLIMITED) -> np.ndarray:
     """Pixel values of encoded image bytes; the full-size work waits for room in `budget`."""
@@ -137,7 +174,7 @@ def preprocess(data: bytes, config: ImageProcessorConfig, limits: ImageLimits,
     with budget.reserve(header.pixels * PEAK_BYTES_PER_PIXEL):
         rgb = _decode(image, header)
         try:
-            return pixel_values(rgb, config)
+            return PROCESSORS[config.backend](rgb, config)
         finally:
             rgb.close()
             image.close()
