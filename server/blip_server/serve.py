@@ -22,7 +22,7 @@ from blip_server.export import ExportOptions
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.command import start_gateway
 from blip_server.memory import bound_heap
-from blip_server.model_store import export_in_child, resolve_repository
+from blip_server.model_store import demo_checkpoint, export_in_child, resolve_repository
 from blip_server.repository import read_manifest
 from blip_server.supervisor import TritonSupervisor
 from blip_server.triton import TritonOptions, connect_host
@@ -41,6 +41,10 @@ async def _reach(captioner: Captioner, timeout: float) -> None:
 
 async def serve(config: ServeConfig, repository: Path) -> int:
     manifest = read_manifest(repository)
+    # What was asked for: a cached export is shared by every checkpoint with the same content, so its manifest
+    # may name another copy's path.
+    served = (f"{config.model or demo_checkpoint()} ({manifest.get('precision', config.precision)}, "
+              f"{manifest.get('image_processor', 'pil')} image processor, {repository})")
     endpoint = f"{connect_host(config.triton_host)}:{config.triton_grpc_port}"
     gateway = await start_gateway(config, (endpoint,))
     captioner = gateway.captioner
@@ -88,7 +92,7 @@ async def serve(config: ServeConfig, repository: Path) -> int:
         print(
             f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService){metrics}; "
             f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, HTTP {config.triton_host}:{config.triton_http_port}, "
-            f"metrics {config.triton_host}:{config.triton_metrics_port}; model from {manifest.get('source', repository)}",
+            f"metrics {config.triton_host}:{config.triton_metrics_port}; model {served}",
             flush=True,
         )
         await supervisor.watch(stop)
@@ -119,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # during the export: stop, leaving no partial export behind
     try:
-        repository = resolve_repository(config.model, config.cache_dir, ExportOptions(precision=config.precision),
-                                        export=export_in_child)
+        options = ExportOptions(precision=config.precision, image_processor=config.image_processor)
+        repository = resolve_repository(config.model, config.cache_dir, options, export=export_in_child)
         return asyncio.run(serve(config, repository))
     except (BlipServerError, OSError, ValueError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
