@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blip-demo-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="a running caption server HOST:PORT (default: start blip-serve)")
     parser.add_argument("--model", type=Path, help="checkpoint for the started server (default: the demo)")
+    parser.add_argument("--precision", default="fp32", help="precision of the started server (fp32 or int8)")
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED)
     parser.add_argument("--output", type=Path, help="write the full report (with every wrong caption) here")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out = scenes(args.scenes, args.seed)
     server, address = None, args.server
     if address is None:
-        server = ServeProcess(*(["--model", str(args.model)] if args.model else []), show_log=True)
+        server = ServeProcess(*(["--model", str(args.model)] if args.model else []), "--precision", args.precision,
+                              show_log=True)
         server.wait_ready(timeout=600)
         address = server.address
     try:
