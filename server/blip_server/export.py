@@ -252,12 +252,17 @@ def _export_vision_encoder(vision_model, path: Path, height: int, width: int, op
         example = torch.from_numpy(calibration_pixels(image_processor, 4, seed=1))
     with torch.inference_mode():
         expected = wrapper(example).numpy()
+    def run(model: Path) -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        return session.run(None, {"PIXEL_VALUES": example.numpy()})[0]
+
     if options.precision == "fp16":
         to_fp16(path)
     elif options.precision == "int8":
-        quantize_int8(path, options.int8_method, calibration_pixels(image_processor, 16, seed=0))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {"PIXEL_VALUES": example.numpy()})[0]
+        _, plan = quantize_int8(path, options.int8_method, calibration_pixels(image_processor, 16, seed=0),
+                                cosine=lambda candidate: encoder_cosine(run(candidate), expected))
+        log.info("int8 vision encoder: %s", plan)
+    actual = run(path)
     if options.precision == "fp32":
         error = float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))
         if not np.isfinite(error) or error > options.tolerance:
