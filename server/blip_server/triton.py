@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -106,6 +107,7 @@ class EmbeddedTriton:
         self._workdir = Path(tempfile.mkdtemp(prefix="blip-triton-"))
         self._admin_key = secrets.token_hex(16)
         self._shm_regions: set[str] = set()
+        self._shm_lock = threading.Lock()  # kill() may run in two threads at once (a second signal during stop)
         self.log_path = Path(options.log_path) if options.log_path else self._workdir / "tritonserver.log"
 
     def __enter__(self) -> "EmbeddedTriton":
@@ -254,16 +256,18 @@ class EmbeddedTriton:
         """Remember the shared-memory regions of the Python-backend stubs (the stubs' last argument names them)."""
         if self._process is not None:
             for command in procfs.children(self._process.pid).values():
-                self._shm_regions.update(w for w in command.split() if w.startswith(_SHM_PREFIX))
+                with self._shm_lock:
+                    self._shm_regions.update(w for w in command.split() if w.startswith(_SHM_PREFIX))
 
     def _remove_shared_memory(self) -> None:
         """A killed Triton leaves its regions in /dev/shm, where they hold memory until removed: remove them."""
-        for name in self._shm_regions:
+        with self._shm_lock:
+            regions, self._shm_regions = self._shm_regions, set()
+        for name in regions:
             try:
                 os.unlink(Path("/dev/shm") / name)
             except FileNotFoundError:
                 pass
-        self._shm_regions.clear()
 
     def cleanup(self) -> None:
         shutil.rmtree(self._workdir, ignore_errors=True)
