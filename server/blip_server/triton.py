@@ -7,6 +7,7 @@ runs in its own process group (so its Python-backend stubs can be stopped with i
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -27,7 +28,33 @@ from blip_server.errors import TritonStartError
 from blip_server.memory import MALLOC_ENVIRONMENT
 
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 _SHM_PREFIX = "triton_python_backend_shm_region_"
+_SHM_DIRECTORY = Path("/dev/shm")
+
+
+def remove_orphaned_shared_memory(directory: Path = _SHM_DIRECTORY, min_age: float = 120.0) -> list[str]:
+    """Remove Python-backend regions that no process maps and that are older than `min_age` seconds: what a
+    Triton killed with its parent (blip-serve killed -9, or by the OOM killer) left behind, 256 MiB or more each.
+    A live region is always mapped by its Triton; the age keeps one being created right now. Returns the names."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[5].strip() for line in maps.read_text().splitlines()
+                          if _SHM_PREFIX in line and len(line.split(None, 5)) == 6)
+        except OSError:  # gone, or not ours to read
+            continue
+    removed = []
+    for path in directory.glob(_SHM_PREFIX + "*"):
+        try:
+            if str(path) not in mapped and time.time() - path.stat().st_mtime > min_age:
+                path.unlink()
+                removed.append(path.name)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d shared-memory regions left by Triton servers that were killed", len(removed))
+    return removed
 # Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
@@ -165,6 +192,7 @@ class EmbeddedTriton:
         return env
 
     def start(self) -> None:
+        remove_orphaned_shared_memory()
         _, backend, _ = _wheel_paths()
         python_backend = self._workdir / "backends" / "python"
         shutil.copytree(backend, python_backend, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
@@ -265,7 +293,7 @@ class EmbeddedTriton:
             regions, self._shm_regions = self._shm_regions, set()
         for name in regions:
             try:
-                os.unlink(Path("/dev/shm") / name)
+                os.unlink(_SHM_DIRECTORY / name)
             except FileNotFoundError:
                 pass
 

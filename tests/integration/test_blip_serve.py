@@ -6,12 +6,14 @@ import shutil
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
 from blip_server.errors import TritonStartError
-from blip_server.triton import EmbeddedTriton, TritonOptions
+from blip_server import procfs
+from blip_server.triton import EmbeddedTriton, TritonOptions, remove_orphaned_shared_memory
 from support import images, reference
 from support.network import free_port
 from support.serve import ServeProcess, wait_gone
@@ -48,9 +50,15 @@ def test_the_exported_checkpoint_is_reused_and_a_killed_server_leaves_no_orphans
     second = ServeProcess("--model", str(checkpoint), cache=cache)
     second.wait_ready()
     (triton_pid,) = second.children()
+    stubs = procfs.children(triton_pid)
+    regions = {word for command in stubs.values() for word in command.split()
+               if word.startswith("triton_python_backend_shm_region_")}
     code, err = second.stop(signal.SIGKILL)  # no chance to clean up: Triton must still die with it
     assert code == -signal.SIGKILL
-    assert wait_gone(triton_pid), "tritonserver survived a killed blip-serve"
+    assert wait_gone(triton_pid) and all(wait_gone(pid) for pid in stubs), "Triton survived a killed blip-serve"
+    # Whatever shared memory it left, the next start removes (here without the age rule)
+    remove_orphaned_shared_memory(min_age=0)
+    assert regions and not [r for r in regions if (Path("/dev/shm") / r).exists()]
     assert len(list((cache / "repositories").glob("*/blip_export.json"))) == 1
 
 
