@@ -208,6 +208,23 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
         asyncio.run(captioner._infer(job, timeout=10))
 
 
+def _held_call(gateway, captioner, finished) -> threading.Thread:
+    """A caption call the fake captioner holds (prompt "slow") until released, started in a thread; returns once
+    the captioner has it. `finished(result)` runs when the call returns."""
+
+    def call():
+        with CaptionClient(gateway.address) as client:
+            finished(client.caption(IMAGE, prompt="slow"))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    for _ in range(100):
+        if captioner.seen:
+            break
+        threading.Event().wait(0.05)
+    return thread
+
+
 def _sample(gateway, name, **labels):
     return gateway.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -249,18 +266,7 @@ def test_metrics_count_calls_by_method_and_code_and_are_served_over_http(served)
 def test_metrics_show_calls_in_flight_and_refusals(served):
     gateway, captioner = served
     done = threading.Event()
-
-    def slow():
-        with CaptionClient(gateway.address) as client:
-            client.caption(IMAGE, prompt="slow")
-        done.set()
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    for _ in range(100):
-        if captioner.seen:
-            break
-        threading.Event().wait(0.05)
+    thread = _held_call(gateway, captioner, lambda _: done.set())
     assert _sample(gateway, "blip_gateway_in_flight_requests") == 1
     gateway.call(_release(captioner))
     assert done.wait(10)
@@ -358,17 +364,7 @@ def test_large_images_wait_for_room_in_the_bytes_in_flight_budget():
     gateway = BackgroundGateway(captioner)
     try:
         results = []
-
-        def slow():
-            with CaptionClient(gateway.address) as client:
-                results.append(client.caption(IMAGE, prompt="slow").text)
-
-        first = threading.Thread(target=slow)
-        first.start()
-        for _ in range(100):
-            if captioner.seen:
-                break
-            threading.Event().wait(0.05)
+        first = _held_call(gateway, captioner, lambda result: results.append(result.text))
         assert captioner.bytes_in_flight == len(IMAGE)
         with CaptionClient(gateway.address, retry=None) as client:
             with pytest.raises(client_errors.DeadlineExceededError):  # no room: it waits, then its deadline passes
