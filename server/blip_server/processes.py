@@ -64,8 +64,15 @@ class CommandProcess:
     def memory(self) -> dict[str, int]:
         """Memory (PSS: shared pages counted once) of this process and every process under it, by a short name
         (e.g. `stub preprocess (1234)`)."""
+        return {name: procfs.pss_bytes(pid) for name, pid in self._processes().items()}
+
+    def memory_kinds(self) -> dict[str, dict[str, int]]:
+        """The same processes' PSS split into anonymous, shared (/dev/shm) and file-backed memory."""
+        return {name: procfs.memory_kinds(pid) for name, pid in self._processes().items()}
+
+    def _processes(self) -> dict[str, int]:
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}
-        return {f"{_short_name(command)} ({pid})": procfs.pss_bytes(pid) for pid, command in processes.items()}
+        return {f"{_short_name(command)} ({pid})": pid for pid, command in processes.items()}
 
 
 def _short_name(command: str) -> str:

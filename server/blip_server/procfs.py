@@ -65,6 +65,24 @@ def pss_bytes(pid: int) -> int:
     return rss_bytes(pid)
 
 
+MEMORY_KINDS = {"Pss_Anon:": "anon", "Pss_Shmem:": "shmem", "Pss_File:": "file"}
+
+
+def memory_kinds(pid: int) -> dict[str, int]:
+    """One process's PSS split by what backs it, in bytes: `anon` (heaps, arenas, anonymous mmaps), `shmem`
+    (shared memory such as the Python backend's /dev/shm pool) and `file` (mapped libraries and files); {} if
+    the kernel does not say (before Linux 5.0) or the process is gone."""
+    kinds = {}
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in MEMORY_KINDS:
+                kinds[MEMORY_KINDS[key]] = int(value.split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return {}
+    return kinds
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process, in bytes (0 if it is gone)."""
     try:

@@ -58,3 +58,25 @@ def test_the_soak_command_accounts_for_every_call(service, tmp_path):
     assert summary["calls"] > 10 and summary["lost"] == 0 and summary["unexpected"] == 0
     assert summary["by_code"]["OK"] > 0 and summary["by_code"]["INVALID_ARGUMENT"] > 0
     assert "lost 0, unexpected codes 0" in (tmp_path / "soak.md").read_text()
+
+
+def test_the_soak_reads_memory_at_rest_after_the_warm_up_and_at_the_end(service):
+    """The retained-memory figures are read with no call in flight (the gateway's own gauge says so), the load
+    resumes after the first, and the pause does not shorten the load."""
+    from blip_server.bench.soak import soak
+
+    def memory():  # each reading carries the gauge's value as a pseudo-process of that many bytes
+        return {**service.memory(), "in flight": int(service.metrics()[("blip_gateway_in_flight_requests", ())])}
+
+    report = soak(service.address, memory, minutes=0.25, concurrency=6, hostile_share=0.2, warmup=4,
+                  settle=0.5, memory_kinds=service.memory_kinds)
+    summary = report.summary()
+    assert summary["lost"] == 0 and summary["unexpected"] == 0
+    assert [r["processes"]["in flight"] for r in report.at_rest] == [0, 0]
+    assert max(r["processes"]["in flight"] for r in report.rss) > 0  # the gauge does see the load
+    first_rest, last_rest = (r["t"] for r in report.at_rest)
+    assert any(first_rest < r["t"] for r in report.rss)  # loaded again after the first reading at rest
+    assert last_rest >= 0.25 * 60 + 0.5  # the pause came on top of the load's time
+    rest = summary["at_rest"]
+    assert set(rest["kinds"]) == {"anon", "shmem", "file"} and rest["kinds"]["anon"]["end_mb"] > 0
+    assert any(name.startswith("stub text_decoder") for name in rest["processes"])
