@@ -33,6 +33,11 @@ from prompt_tokens import PromptError, PromptTokenizer
 
 
 _LIBC = ctypes.CDLL("libc.so.6")
+# This process decodes images of every size: buffers of 1 MiB or more (a decoded 640x480 photo, a resized copy)
+# are mmapped and go back to the system when freed, instead of the heap that tritonserver's 4 MiB setting
+# (blip_server.memory) leaves them to. Measured in a soak: this stub's memory at rest +3 MB in 4 minutes with it,
+# +17 MB in 2 without.
+_LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 class _BadRequest(Exception):

@@ -16,6 +16,7 @@ from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.errors import ErrorInterceptor
 from blip_server.gateway.metrics import STREAM_ITEM, GatewayMetrics
 from blip_server.gateway.service import CaptionServicer, method_handlers
+from blip_server.memory import trim
 
 log = logging.getLogger("blip-serve.gateway")
 
@@ -38,6 +39,16 @@ class Gateway:
         self.metrics = metrics
         self.metrics_port: int | None = None  # where the metrics are served over HTTP, if they are
         self._serving: bool | None = None
+        self._trimming = asyncio.create_task(self._return_free_memory())
+
+    @staticmethod
+    async def _return_free_memory(interval: float = 2.0) -> None:
+        """Every `interval` seconds, give the heaps' free pages back: request messages of every size up to the
+        image limit fragment them, and without this the gateway keeps the high-water mark of its busiest moment
+        (a walk of the heaps; milliseconds)."""
+        while True:
+            await asyncio.sleep(interval)
+            trim()
 
     async def set_serving(self, serving: bool) -> None:
         if serving != self._serving:
@@ -55,6 +66,7 @@ class Gateway:
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:
+        self._trimming.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.captioner.close()
