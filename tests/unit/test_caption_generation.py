@@ -206,6 +206,27 @@ def test_a_slot_left_by_a_cancelled_request_is_reused_cleanly(setup):
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
 
 
+def test_an_idle_loop_gives_its_cache_back_and_the_next_requests_decode_as_if_alone(setup):
+    from caption_generation import DecodeLoop
+
+    _, processor, _, embeds, decoder = setup
+    bos = [decoder.config.bos_token_id]
+    options = GenerationOptions(num_beams=3, min_new_tokens=5, max_new_tokens=5)
+    loop = DecodeLoop(decoder, columns=32)
+    for round_ in range(2):
+        for image in range(3):
+            loop.add((round_, image), embeds[image], bos, options)
+        results = {}
+        while len(loop):
+            results.update(loop.step())
+            if len(loop):
+                assert loop.cache.rows >= 9 and loop.cache.image_keys
+        assert loop.cache.rows == 0 and loop.cache.kv.numel() == 0 and not loop.cache.image_keys  # given back
+        for image in range(3):
+            alone = generate(decoder, embeds[image : image + 1], [bos], [options])[0]
+            assert [h.tokens for h in results[(round_, image)]] == [h.tokens for h in alone]
+
+
 SAMPLING = {  # a seed means what it means in transformers: torch.manual_seed(seed) before generate()
     "sample": dict(num_beams=1, do_sample=True, seed=5, temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=2,
                    num_return_sequences=2, repetition_penalty=1.2, no_repeat_ngram_size=2),

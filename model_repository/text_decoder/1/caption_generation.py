@@ -364,7 +364,19 @@ class DecodeLoop:
             self.stats = StepStats(rows=int(self._live.sum()), requests=len(self.requests), admitted=len(queued))
             finished = self._select(logits, rows)
         self.stats.finished = len(finished)
+        if not len(self):
+            self._release()
         return finished
+
+    def _release(self) -> None:
+        """Nothing left to decode: give the cache back, so that an idle server holds its weights and not the cache
+        of its busiest moment (BLIP-large: 42 MB of image keys/values per request, plus its rows' keys/values
+        and their spare). The next request allocates what it needs again (milliseconds)."""
+        self.cache = self.decoder.new_cache(self.columns)
+        self.groups.clear()
+        self._free.clear()
+        self._used = 0
+        self._live = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def _place(self) -> list[tuple[_Request, torch.Tensor]]:
         """Give each queued request a slot and make room for it (its rows stay empty until the prefill)."""
