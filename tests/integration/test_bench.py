@@ -18,6 +18,10 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
         assert row["identical_share"] == 1.0 and row["identical_to"] == "transformers"
         assert row["captions"] == 6 and row["captions_per_second"] > 0
         assert row["models"]["text_decoder"]["executions"] > 0 and row["decoder_floor_s_per_caption"] > 0
-    assert results["service"]["fp32"]["weights_bytes"] > 0 and results["memory_bandwidth_gb_s"] > 0
+    service = results["service"]["fp32"]
+    assert service["weights_bytes"] > 0 and results["memory_bandwidth_gb_s"] > 0
+    # Memory at rest and at its peak under load, for every server process (the decoder's stub among them).
+    assert sum(service["peak_memory"].values()) >= sum(service["memory"].values()) * 0.9 > 0
+    assert any(name.startswith("stub text_decoder") for name in service["peak_memory"])
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| transformers, batch 1 |" in (tmp_path / "results.md").read_text()

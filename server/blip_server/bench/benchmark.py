@@ -182,6 +182,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                                       client_timeout=3600)
                 return ensemble.captions(result)[0][0].text
 
+            peak = _PeakMemory(serve.memory)
             for concurrency in settings.concurrency:
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
                     before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
@@ -197,6 +198,8 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                     row["decoder_floor_s_per_caption"] = floor / settings.tokens * steps_per_caption
                     rows.append(_progress(row))
                     texts[(route, concurrency)] = answers
+            peak.stop()
+            time.sleep(3)  # at rest: nothing in flight
             memory = serve.memory()
             overtaking = _overtaking(sdk) if settings.overtaking else None
             sdk.close()
@@ -204,8 +207,29 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
             code, log = serve.stop()
         if code != 0:
             raise RuntimeError(f"blip-serve exited {code}:\n{log[-4000:]}")
-    return {"rows": rows, "texts": texts, "memory": memory, "weights_bytes": _weights_bytes(repository),
+    return {"rows": rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
+            "weights_bytes": _weights_bytes(repository),
             "overtaking": overtaking}
+
+
+class _PeakMemory:
+    """Samples the server's memory every second in a thread; `peak`: the processes' readings at the largest total."""
+
+    def __init__(self, read, interval: float = 1.0):
+        self.peak: dict[str, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(read, interval), daemon=True)
+        self._thread.start()
+
+    def _sample(self, read, interval: float) -> None:
+        while not self._done.wait(interval):
+            reading = read()
+            if sum(reading.values()) > sum(self.peak.values()):
+                self.peak = reading
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _overtaking(client) -> dict:

@@ -37,16 +37,18 @@ def markdown(results: dict) -> str:
             floor = row["decoder_floor_s_per_caption"]
             lines.append(f"| {row['name']} | {' | '.join(cells)} | {row['decoder_s_per_caption']:.3f} | "
                          f"{floor:.3f} | {row['decoder_s_per_caption'] / floor:.1f}x |")
-    lines += ["", "| precision | server memory (RSS+shared, MB) | weights MB | ratio | short request overtakes long |",
-              "| --- | ---: | ---: | ---: | --- |"]
+    lines += ["", "| precision | server memory at rest (PSS, MB) | peak under load | weights MB | ratio at rest | "
+                  "ratio at peak | short request overtakes long |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for precision, service in results["service"].items():
         total = sum(service["memory"].values()) / 2**20
+        peak = sum(service.get("peak_memory", {}).values()) / 2**20
         weights = service["weights_bytes"] / 2**20
         overtaking = service.get("overtaking")
         over = ("" if not overtaking else
                 f"{'yes' if overtaking['short_finished_first'] else 'NO'}: short {overtaking['short_latency_s']:.2f} s, "
                 f"long {overtaking['long_latency_s']:.2f} s")
-        lines.append(f"| {precision} | {total:.0f} | {weights:.0f} | {total / weights:.2f}x | {over} |")
+        lines.append(f"| {precision} | {total:.0f} | {peak:.0f} | {weights:.0f} | {total / weights:.2f}x | "
+                     f"{peak / weights:.2f}x | {over} |")
     return "\n".join(lines)
 
 
