@@ -23,9 +23,6 @@ from blip_server.repository import parse_config
 GPU_CONFIG = "gpu"
 # Where the container's TensorRT engines and timing cache live: a volume, so restarts skip the engine build.
 TENSORRT_CACHE = "/cache/tensorrt"
-# On a GPU the encoder batches the images that arrive within this delay (on a CPU it runs them one by one: see
-# vision_encoder's config.pbtxt).
-GPU_QUEUE_DELAY_US = 2000
 
 
 @dataclass(frozen=True)
@@ -76,8 +73,6 @@ def set_parameters(path: Path, **values) -> None:
 def _gpu_instances(config: mc.ModelConfig) -> None:
     del config.instance_group[:]
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
-    if not config.sequence_batching.iterative_sequence:  # the encoder: batched on a GPU, one by one on a CPU
-        config.dynamic_batching.max_queue_delay_microseconds = GPU_QUEUE_DELAY_US
 
 
 def write_python_gpu_configs(repository: Path, decoder_dtype: str) -> None:

