@@ -53,34 +53,35 @@ def group_members(pgid: int) -> list[int]:
     return [pid for pid in _pids() if (fields := _stat(pid)) and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
+def _rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup's sizes, in bytes, by field name (`Pss`, `Pss_Anon`, ...); {} if unreadable."""
+    sizes = {}
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if value.strip().endswith(" kB"):
+                sizes[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return sizes
+
+
 def pss_bytes(pid: int) -> int:
     """Proportional memory of one process (shared pages divided among the processes sharing them, so that the
     sum over processes counts Triton's shared-memory pool once), in bytes; its RSS where PSS is not readable."""
-    try:
-        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return rss_bytes(pid)
+    pss = _rollup(pid).get("Pss")
+    return rss_bytes(pid) if pss is None else pss
 
 
-MEMORY_KINDS = {"Pss_Anon:": "anon", "Pss_Shmem:": "shmem", "Pss_File:": "file"}
+MEMORY_KINDS = {"Pss_Anon": "anon", "Pss_Shmem": "shmem", "Pss_File": "file"}
 
 
 def memory_kinds(pid: int) -> dict[str, int]:
     """One process's PSS split by what backs it, in bytes: `anon` (heaps, arenas, anonymous mmaps), `shmem`
     (shared memory such as the Python backend's /dev/shm pool) and `file` (mapped libraries and files); {} if
     the kernel does not say (before Linux 5.0) or the process is gone."""
-    kinds = {}
-    try:
-        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key in MEMORY_KINDS:
-                kinds[MEMORY_KINDS[key]] = int(value.split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return {}
-    return kinds
+    sizes = _rollup(pid)
+    return {kind: sizes[key] for key, kind in MEMORY_KINDS.items() if key in sizes}
 
 
 def rss_bytes(pid: int) -> int:
