@@ -48,7 +48,7 @@ def test_the_repository_holds_what_the_checkpoint_says(checkpoints, repositories
 
     decoder = BlipTextDecoder.from_directory(repository / "text_decoder" / "1")
     assert decoder.config.vocab_size == text.vocab_size and decoder.config.bos_token_id == text.bos_token_id
-    assert torch.equal(decoder.lm.w_t.t(), model.text_decoder.cls.predictions.decoder.weight)
+    assert torch.equal(decoder.lm.weight, model.text_decoder.cls.predictions.decoder.weight)
 
 
 def test_the_onnx_encoder_matches_pytorch_for_any_batch_size(checkpoints, repositories):

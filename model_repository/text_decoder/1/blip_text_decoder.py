@@ -8,8 +8,9 @@ Numerically this is `BlipTextLMHeadModel` (eager attention, same operation order
 - cross-attention keys/values are computed once per image into the request's slot, not per beam and not per
   step; the rows of a slot are that image's queries, so one batched matmul attends every row to its image;
 - beams are reordered by one gather over the filled columns only, into a second buffer (double buffering);
-- a linear layer's weight is stored transposed and contiguous (`x @ w_t`): for the few rows of a decode step
-  that layout reads memory in order, about twice as fast as `F.linear` on the stored layout (parity tested).
+- a linear layer's weight is stored in the layout its fastest small-batch kernel reads (see `Linear`): a decode
+  step's few rows are bound by reading the weights, which `F.linear` on the stored layout does at a fraction of
+  the memory's speed (parity tested).
 
 Weights use the names of `BlipTextLMHeadModel.state_dict()`, so an exported checkpoint is the decoder's own
 state dict.
@@ -61,20 +62,37 @@ class DecoderConfig:
 
 
 class Linear:
-    """y = x @ w_t + b with w_t = weight.T stored contiguously (in_features x out_features)."""
+    """y = x @ weight.T + bias, with the weight laid out for the kernel that reads it fastest at a decode step's few rows.
+
+    On the CPU in float32: oneDNN's linear on the weight reordered once into its blocked layout (what torch's CPU
+    inductor uses for frozen linears); measured for the BLIP-large decoder's step weights at 3 rows, 2 threads: 58 ms
+    against 108 ms for `x @ w_t` and 142 ms for `F.linear`, and at 24 rows 104 ms against 197 and 238 (parity
+    tested). Elsewhere: `x @ w_t`, the weight transposed and contiguous, which small batches read in order.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        self.w_t = weight.t().contiguous()
         self.b = bias
+        self.nbytes = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
+        self.packed = _packable(weight)
+        # The reorder copies the weight: the stored layout is not kept besides it.
+        self.w = torch.ops.mkldnn._reorder_linear_weight(weight, 3) if self.packed else weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         shape = x.shape
-        y = torch.addmm(self.b, x.reshape(-1, shape[-1]), self.w_t)
+        y = torch.addmm(self.b, x.reshape(-1, shape[-1]), self.w)
         return y.view(*shape[:-1], y.shape[-1])
 
     @property
-    def nbytes(self) -> int:
-        return self.w_t.numel() * self.w_t.element_size() + self.b.numel() * self.b.element_size()
+    def weight(self) -> torch.Tensor:
+        """The weight in the stored layout [out_features, in_features] (a copy)."""
+        return self.w.to_dense() if self.packed else self.w.t().contiguous()
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class Int8Linear:
