@@ -147,8 +147,10 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     _write_json(preprocess / "image_processor.json", images)
     _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id,
                                                  "max_position_embeddings": text_config.max_position_embeddings})
-    # One source for option and image checks: the gateway, preprocess and text_decoder use the same code.
-    for directory, modules in ((preprocess, SHARED_MODULES), (decoder, ("generation_options.py",))):
+    # One source for option and image checks (the gateway, preprocess and text_decoder use the same code), and
+    # for the turns the encoder and the decoder take on the CPU cores.
+    for directory, modules in ((preprocess, SHARED_MODULES), (decoder, ("generation_options.py", "cpu_turns.py")),
+                               (encoder, ("cpu_turns.py",))):
         for module in modules:
             shutil.copy2(shared_directory() / module, directory / module)
 

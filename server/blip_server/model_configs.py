@@ -105,7 +105,8 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> Non
     _write(directory / "config.pbtxt", config,
            "The checkpoint's BlipVisionModel (1/model.onnx) on Triton's onnxruntime backend, on CPU.\n"
            f"configs/{GPU_CONFIG}.pbtxt runs it on GPUs with TensorRT; written by blip-export.")
-    (directory / "1" / "model.py").unlink()
+    for module in ("model.py", "cpu_turns.py"):  # the Python model's, unused by the native backend
+        (directory / "1" / module).unlink(missing_ok=True)
 
     gpu = mc.ModelConfig()
     gpu.CopyFrom(config)

@@ -26,6 +26,8 @@ from pathlib import Path
 from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.memory import MALLOC_ENVIRONMENT
+from blip_server.shared.cpu_turns import PREFIX as TURNS_PREFIX
+from blip_server.shared.cpu_turns import turns_path
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -55,6 +57,24 @@ def remove_orphaned_shared_memory(directory: Path = _SHM_DIRECTORY, min_age: flo
     if removed:
         log.info("removed %d shared-memory regions left by Triton servers that were killed", len(removed))
     return removed
+
+
+def remove_stale_turn_files(directory: Path | None = None) -> list[str]:
+    """Remove the files of CPU turns (`cpu_turns.py`) whose Triton server is gone: one empty file per server."""
+    directory = directory or turns_path(0).parent
+    removed = []
+    for path in directory.glob(TURNS_PREFIX + "*"):
+        pid = path.name[len(TURNS_PREFIX):]
+        try:
+            alive = pid.isdigit() and Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"
+        except OSError:
+            alive = False
+        if not alive:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 # Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
@@ -197,6 +217,7 @@ class EmbeddedTriton:
 
     def start(self) -> None:
         remove_orphaned_shared_memory()
+        remove_stale_turn_files()
         _, backend, _ = _wheel_paths()
         python_backend = self._workdir / "backends" / "python"
         shutil.copytree(backend, python_backend, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)

@@ -11,6 +11,7 @@ All requests of a batch go through one session run (in chunks of `max_batch_size
 request is run on its own, so that only the requests that fail alone are answered with an error.
 """
 
+import contextlib
 import json
 import os
 import traceback
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from cpu_turns import CpuTurns
 
 
 def _parameter(config: dict, name: str, default: int) -> int:
@@ -51,8 +53,11 @@ class TritonPythonModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU":
+        gpu = args.get("model_instance_kind") == "GPU"
+        if gpu:
             providers = _gpu_providers(int(args["model_instance_device_id"])) + providers
+        # On the CPU a run takes its turn on the cores with the decoder's steps (cpu_turns.py).
+        self.turns = CpuTurns() if not gpu and _parameter(config, "cpu_turns", 1) else None
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         # After each run, the CPU arena gives back what the run added to it. Without this it keeps the peak of the
         # largest batch it ever ran (measured on BLIP-large: +400 MB after one batch of 4, and a soak's memory
@@ -104,8 +109,13 @@ class TritonPythonModel:
             return _error("encoding the image failed; the server log has the details", pb_utils.TritonError.INTERNAL)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
-        outputs = [
-            self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.max_batch]}, self.run_options)[0]
-            for i in range(0, len(pixels), self.max_batch)
-        ]
+        outputs = []
+        for i in range(0, len(pixels), self.max_batch):
+            with self.turns or contextlib.nullcontext():
+                outputs.append(self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.max_batch]},
+                                                self.run_options)[0])
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def finalize(self):
+        if self.turns is not None:
+            self.turns.close()

@@ -1,0 +1,48 @@
+"""Turns on the CPU cores for the models of one Triton server that compute on them.
+
+The vision encoder (ONNX Runtime) and the text decoder (torch) each run fastest with a thread on every core. Run
+at the same time on the same cores, they are slower together than one after the other: ONNX Runtime's threads
+wait at every operator for the one the decoder's thread preempted, and the decoder, left one core, reads its
+weights at half the memory's speed. So they take turns: a model holds the turn for one encoder run or one decode
+step, with every core, and the other waits (an exclusive `flock` on one file per server, which the kernel gives
+back if its holder dies). A decode step is short, so a new image waits for at most one step; decode steps wait for
+an encoder run, and meanwhile more requests join the decode loop, whose next step then decodes them together.
+
+This module is copied into the Triton models that use it (`blip-export`); the server's side of it is
+`blip_server.triton`, which removes the files of servers that are gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+PREFIX = "blip-cpu-turns-"
+
+
+def turns_path(server_pid: int, directory: Path | None = None) -> Path:
+    """The file whose lock is the turn, for the Triton server of process id `server_pid`."""
+    if directory is None:
+        directory = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return directory / f"{PREFIX}{server_pid}"
+
+
+class CpuTurns:
+    """`with turns:` waits for the turn and holds it for the block. A Python-backend model's process is a child of
+    its server, so every model of one server finds the same file through its parent's process id."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or turns_path(os.getppid())
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> "CpuTurns":
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,63 @@
+"""The encoder and the decoder take turns on the CPU cores: while one model holds the turn, the other waits."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+
+from blip_server.shared.cpu_turns import CpuTurns, turns_path
+from blip_server.triton import remove_stale_turn_files
+
+
+def _hold(path, events, entered, release):
+    with CpuTurns(path):
+        events.put("first in")
+        entered.set()
+        release.wait(30)
+        events.put("first out")
+
+
+def _take(path, events, waiting):
+    turns = CpuTurns(path)
+    waiting.set()
+    with turns:
+        events.put("second in")
+
+
+def test_a_process_waits_for_the_turn_another_holds(tmp_path):
+    path = tmp_path / "turns"
+    context = multiprocessing.get_context("spawn")
+    events, entered, release, waiting = context.Queue(), context.Event(), context.Event(), context.Event()
+    first = context.Process(target=_hold, args=(path, events, entered, release))
+    first.start()
+    assert entered.wait(60)
+    second = context.Process(target=_take, args=(path, events, waiting))
+    second.start()
+    assert waiting.wait(60)
+    release.set()  # the second can only enter after the first has left
+    first.join(60)
+    second.join(60)
+    assert [events.get(timeout=10) for _ in range(3)] == ["first in", "first out", "second in"]
+    assert first.exitcode == 0 and second.exitcode == 0
+
+
+def test_a_turn_held_by_a_process_that_dies_is_given_back(tmp_path):
+    path = tmp_path / "turns"
+    code = (f"import os; from blip_server.shared.cpu_turns import CpuTurns; t = CpuTurns({str(path)!r}); "
+            "t.__enter__(); os._exit(0)")  # dies holding the turn
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    with CpuTurns(path):
+        pass
+
+
+def test_the_files_of_servers_that_are_gone_are_removed(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid names no process now (or, reused, not a tritonserver)
+    for pid in (child.pid, os.getpid()):  # gone; alive but not a tritonserver
+        turns_path(pid, tmp_path).touch()
+    (tmp_path / "unrelated").touch()
+    assert sorted(remove_stale_turn_files(tmp_path)) == sorted(turns_path(p, tmp_path).name
+                                                               for p in (child.pid, os.getpid()))
+    assert [p.name for p in tmp_path.iterdir()] == ["unrelated"]
