@@ -72,10 +72,11 @@ class CommandProcess:
 
     def _processes(self) -> dict[str, int]:
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}
-        return {f"{_short_name(command)} ({pid})": pid for pid, command in processes.items()}
+        return {f"{short_name(command)} ({pid})": pid for pid, command in processes.items()}
 
 
-def _short_name(command: str) -> str:
+def short_name(command: str) -> str:
+    """`tritonserver`, `stub preprocess`, ...: the program, or the model a Python-backend stub runs."""
     parts = command.split()
     if not parts:
         return "?"

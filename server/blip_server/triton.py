@@ -27,7 +27,7 @@ from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.memory import MALLOC_ENVIRONMENT
 from blip_server.shared.cpu_turns import PREFIX as TURNS_PREFIX
-from blip_server.shared.cpu_turns import turns_path
+from blip_server.shared.cpu_turns import turns_directory
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def remove_orphaned_shared_memory(directory: Path = _SHM_DIRECTORY, min_age: flo
 
 def remove_stale_turn_files(directory: Path | None = None) -> list[str]:
     """Remove the files of CPU turns (`cpu_turns.py`) whose Triton server is gone: one empty file per server."""
-    directory = directory or turns_path(0).parent
+    directory = directory or turns_directory()
     removed = []
     for path in directory.glob(TURNS_PREFIX + "*"):
         pid = path.name[len(TURNS_PREFIX):]

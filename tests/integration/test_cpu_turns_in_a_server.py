@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from blip_server import procfs
+from blip_server.processes import short_name
 from blip_server.shared.cpu_turns import turns_path
 from blip_server.triton import remove_stale_turn_files
 
@@ -25,14 +26,12 @@ def _open_files(pid: int) -> set[str]:
 def test_the_encoder_and_the_decoder_of_a_server_share_its_turn(service):
     processes = {}
     for pid, command in procfs.descendants(service.process.pid).items():
-        parts = command.split()
-        name = Path(parts[1]).parent.parent.name if "triton_python_backend_stub" in parts[0] else Path(parts[0]).name
-        processes.setdefault(name, []).append(pid)
+        processes.setdefault(short_name(command), []).append(pid)
     (triton,) = processes["tritonserver"]
     path = turns_path(triton)
     assert path.exists(), service.triton_log_tail()
-    for model in ("vision_encoder", "text_decoder"):
+    for model in ("stub vision_encoder", "stub text_decoder"):
         assert all(str(path) in _open_files(pid) for pid in processes[model]), (model, processes)
-    assert not any(str(path) in _open_files(pid) for pid in processes["preprocess"])
+    assert not any(str(path) in _open_files(pid) for pid in processes["stub preprocess"])
     remove_stale_turn_files()  # as another server's start does
     assert path.exists()

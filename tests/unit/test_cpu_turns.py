@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 
 from blip_server.shared.cpu_turns import CpuTurns, turns_path
 from blip_server.triton import remove_stale_turn_files
@@ -61,3 +62,18 @@ def test_the_files_of_servers_that_are_gone_are_removed(tmp_path):
     assert sorted(remove_stale_turn_files(tmp_path)) == sorted(turns_path(p, tmp_path).name
                                                                for p in (child.pid, os.getpid()))
     assert [p.name for p in tmp_path.iterdir()] == ["unrelated"]
+
+
+def test_turns_switched_off_never_wait(tmp_path):
+    path = tmp_path / "turns"
+    held = CpuTurns(path)
+    with held:  # another model's turn, held all along
+        entered = threading.Event()
+
+        def take():
+            with CpuTurns(path, enabled=False):
+                entered.set()
+
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        assert entered.wait(30)

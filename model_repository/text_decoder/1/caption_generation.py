@@ -320,10 +320,6 @@ class DecodeLoop:
     def __len__(self) -> int:
         return len(self.requests) + len(self._queue)
 
-    def rows(self) -> int:
-        """Rows the next step decodes: those of the requests in flight and queued."""
-        return sum(r.n for r in self.requests.values()) + sum(r.n for r, _ in self._queue)
-
     def add(self, key: Hashable, image_embeds: torch.Tensor, prompt: list[int], options: GenerationOptions) -> None:
         """Admit a request at the next step: image_embeds [L, E]; prompt starts with BOS; options validated."""
         if len(prompt) + options.max_new_tokens > self.columns:

@@ -17,7 +17,6 @@ CANCELLED, and any other failure is that request's INTERNAL error. Rows decoded 
 flight are exported as Triton metrics (`blip_decoder_*` on Triton's metrics port).
 """
 
-import contextlib
 import json
 import os
 import time
@@ -104,7 +103,7 @@ class TritonPythonModel:
         int8 = params.get("quantization") == "int8" and device == "cpu"  # int8 kernels are the CPU's
         self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=dtype, int8=int8)
         # On the CPU a step takes its turn on the cores with the encoder's runs (cpu_turns.py).
-        self.turns = CpuTurns() if device == "cpu" and params.get("cpu_turns", "1") != "0" else None
+        self.turns = CpuTurns(enabled=device == "cpu" and params.get("cpu_turns", "1") != "0")
         decoding = json.loads((directory / "decoding.json").read_text())
         self.texts = CaptionDecoder(directory / "tokenizer.json", decoding["clean_up_tokenization_spaces"])
         self.limits = from_parameters(GenerationLimits, params, "limit_")
@@ -141,7 +140,7 @@ class TritonPythonModel:
 
         if len(self.loop):
             try:
-                with self.turns or contextlib.nullcontext():
+                with self.turns:
                     self.done.update(self.loop.step())
             except Exception:  # noqa: BLE001 - the loop's state is unknown: fail what is in flight, start afresh
                 pb_utils.Logger.log_error(f"text_decoder: a decode step failed:\n{traceback.format_exc()}")
@@ -217,5 +216,4 @@ class TritonPythonModel:
         return embeds[0], prompt, item_options
 
     def finalize(self):
-        if self.turns is not None:
-            self.turns.close()
+        self.turns.close()

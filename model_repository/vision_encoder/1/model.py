@@ -11,7 +11,6 @@ All requests of a batch go through one session run (in chunks of `max_batch_size
 request is run on its own, so that only the requests that fail alone are answered with an error.
 """
 
-import contextlib
 import json
 import os
 import traceback
@@ -57,7 +56,7 @@ class TritonPythonModel:
         if gpu:
             providers = _gpu_providers(int(args["model_instance_device_id"])) + providers
         # On the CPU a run takes its turn on the cores with the decoder's steps (cpu_turns.py).
-        self.turns = CpuTurns() if not gpu and _parameter(config, "cpu_turns", 1) else None
+        self.turns = CpuTurns(enabled=not gpu and _parameter(config, "cpu_turns", 1) != 0)
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         # After each run, the CPU arena gives back what the run added to it. Without this it keeps the peak of the
         # largest batch it ever ran (measured on BLIP-large: +400 MB after one batch of 4, and a soak's memory
@@ -111,11 +110,10 @@ class TritonPythonModel:
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         outputs = []
         for i in range(0, len(pixels), self.max_batch):
-            with self.turns or contextlib.nullcontext():
+            with self.turns:
                 outputs.append(self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.max_batch]},
                                                 self.run_options)[0])
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def finalize(self):
-        if self.turns is not None:
-            self.turns.close()
+        self.turns.close()

@@ -22,27 +22,33 @@ from pathlib import Path
 PREFIX = "blip-cpu-turns-"
 
 
+def turns_directory() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
 def turns_path(server_pid: int, directory: Path | None = None) -> Path:
     """The file whose lock is the turn, for the Triton server of process id `server_pid`."""
-    if directory is None:
-        directory = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return directory / f"{PREFIX}{server_pid}"
+    return (directory or turns_directory()) / f"{PREFIX}{server_pid}"
 
 
 class CpuTurns:
     """`with turns:` waits for the turn and holds it for the block. A Python-backend model's process is a child of
-    its server, so every model of one server finds the same file through its parent's process id."""
+    its server, so every model of one server finds the same file through its parent's process id. Not `enabled`
+    (a GPU instance, or turns switched off): the block runs at once."""
 
-    def __init__(self, path: Path | None = None):
-        self.path = path or turns_path(os.getppid())
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+    def __init__(self, path: Path | None = None, enabled: bool = True):
+        self._fd = os.open(path or turns_path(os.getppid()), os.O_RDWR | os.O_CREAT, 0o600) if enabled else None
 
     def __enter__(self) -> "CpuTurns":
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
