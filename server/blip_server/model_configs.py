@@ -84,6 +84,8 @@ def write_python_gpu_configs(repository: Path, decoder_dtype: str) -> None:
         config = parse_config(directory / "config.pbtxt")
         _gpu_instances(config)
         _set_parameter(config, "threads", 1)  # the GPU does the work: one CPU thread feeds it
+        if model == "vision_encoder":
+            _set_parameter(config, "images_per_run", 0)  # a GPU runs the whole batch at once
         if model == "text_decoder":
             _set_parameter(config, "dtype", decoder_dtype)
         _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", config,

@@ -104,6 +104,10 @@ def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repos
         config = parse_config(repository / model / "configs" / "gpu.pbtxt")
         assert config.backend == "python" and [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
         assert config.name == model
+    # On the CPU the encoder runs a batch's images one by one (its activations outgrow the cache); a GPU, all at once.
+    images_per_run = {name: parse_config(repository / "vision_encoder" / name).parameters["images_per_run"].string_value
+                      for name in ("config.pbtxt", "configs/gpu.pbtxt")}
+    assert images_per_run == {"config.pbtxt": "1", "configs/gpu.pbtxt": "0"}
     params = {k: v.string_value for k, v in parse_config(repository / "preprocess" / "config.pbtxt").parameters.items()}
     assert params["source_checkpoint"] == str(checkpoints["standard"].resolve())
     assert (params["precision"], params["image_height"], params["image_width"]) == ("fp32", "384", "384")

@@ -7,8 +7,9 @@ refuses to load rather than run on the CPU unnoticed. (TensorRT, with its minute
 container's: its native onnxruntime backend builds the engines during warm-up, before the model is ready.)
 
 Input (per item): PIXEL_VALUES FP32 [3, H, W]. Output (per item): IMAGE_EMBEDS FP32 [L, hidden].
-All requests of a batch go through one session run (in chunks of `max_batch_size`). If that run fails, each
-request is run on its own, so that only the requests that fail alone are answered with an error.
+A batch's images go through session runs of `images_per_run` images each (the parameter; 0: the whole batch, at
+most `max_batch_size`), each run taking its own turn on the CPU cores. If a run fails, each request is run on
+its own, so that only the requests that fail alone are answered with an error.
 """
 
 import json
@@ -66,7 +67,8 @@ class TritonPythonModel:
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         expected = self.session.get_inputs()[0].shape
         self.item_shape = tuple(expected[1:])
-        self.max_batch = max(1, int(config.get("max_batch_size", 0)) or 1)
+        self.images_per_run = (_parameter(config, "images_per_run", 0)
+                               or max(1, int(config.get("max_batch_size", 0)) or 1))
 
     def execute(self, requests):
         batches, errors = [], []
@@ -109,9 +111,9 @@ class TritonPythonModel:
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         outputs = []
-        for i in range(0, len(pixels), self.max_batch):
+        for i in range(0, len(pixels), self.images_per_run):
             with self.turns:
-                outputs.append(self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.max_batch]},
+                outputs.append(self.session.run(None, {"PIXEL_VALUES": pixels[i : i + self.images_per_run]},
                                                 self.run_options)[0])
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
