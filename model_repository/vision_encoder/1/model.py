@@ -67,8 +67,7 @@ class TritonPythonModel:
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         expected = self.session.get_inputs()[0].shape
         self.item_shape = tuple(expected[1:])
-        self.images_per_run = (_parameter(config, "images_per_run", 0)
-                               or max(1, int(config.get("max_batch_size", 0)) or 1))
+        self.images_per_run = _parameter(config, "images_per_run", 0) or max(1, int(config.get("max_batch_size", 0)))
 
     def execute(self, requests):
         batches, errors = [], []
