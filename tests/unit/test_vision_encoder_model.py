@@ -1,0 +1,130 @@
+"""The `vision_encoder` Triton model's batch handling, on the exported ONNX model and real ONNX Runtime: a batch's
+images go through session runs of `images_per_run` images, each run in its own CPU turn, and every request gets
+its own images' embeddings back. Triton's Python API (`triton_python_backend_utils`, which only a backend stub
+provides) is stood in for by the few calls the model makes; the served model is tested end to end elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from google.protobuf import json_format
+
+from blip_server.repository import parse_config
+
+MODEL_PY = Path(__file__).parents[2] / "model_repository" / "vision_encoder" / "1" / "model.py"
+
+
+class _TritonError(Exception):
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+def _pb_utils() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _TritonError
+    module.get_input_tensor_by_name = lambda request, name: request.get(name)
+    module.Logger = types.SimpleNamespace(log_error=lambda message: None, log_warn=lambda message: None)
+    return module
+
+
+class _Recorder:
+    """Stands in for the model's CpuTurns and wraps its session: every turn and run, in order."""
+
+    def __init__(self, session):
+        self.events: list[tuple[str, int]] = []
+        self._session = session
+
+    def __enter__(self):
+        self.events.append(("turn", 0))
+        return self
+
+    def __exit__(self, *exc):
+        self.events.append(("end", 0))
+
+    def close(self):
+        pass
+
+    def run(self, names, feeds, options=None):
+        self.events.append(("run", len(feeds["PIXEL_VALUES"])))
+        return self._session.run(names, feeds, options)
+
+
+@pytest.fixture
+def load_model(repositories, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
+    directory = repositories["standard"] / "vision_encoder"
+    spec = importlib.util.spec_from_file_location("vision_encoder_model", MODEL_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def load(config_name: str):
+        config = json_format.MessageToDict(parse_config(directory / config_name), preserving_proto_field_name=True)
+        config["parameters"]["cpu_turns"] = {"string_value": "0"}  # the recorder takes the turns' place
+        model = module.TritonPythonModel()
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(directory),
+                          "model_version": "1", "model_instance_kind": "CPU"})
+        recorder = _Recorder(model.session)
+        model.turns, model.session = recorder, recorder
+        return model, recorder
+
+    return load
+
+
+def _requests(sizes: list[int], seed: int = 5) -> list[dict[str, _Tensor]]:
+    rng = np.random.default_rng(seed)
+    return [{"PIXEL_VALUES": _Tensor("PIXEL_VALUES", rng.standard_normal((n, 3, 384, 384), dtype=np.float32))}
+            for n in sizes]
+
+
+def _expected(repositories, requests) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(str(repositories["standard"] / "vision_encoder" / "1" / "model.onnx"))
+    return [session.run(None, {"PIXEL_VALUES": r["PIXEL_VALUES"].array})[0] for r in requests]
+
+
+@pytest.mark.parametrize("config_name, runs", [("config.pbtxt", [1, 1, 1, 1]), ("configs/gpu.pbtxt", [4])])
+def test_a_batch_runs_in_runs_of_images_per_run_each_in_its_own_turn(repositories, load_model, config_name, runs):
+    model, recorder = load_model(config_name)
+    requests = _requests([1, 2, 1])
+    responses = model.execute(requests)
+    assert [size for event, size in recorder.events if event == "run"] == runs
+    # Each run in a turn of its own: turn, run, end, turn, run, end...
+    assert [event for event, _ in recorder.events] == ["turn", "run", "end"] * len(runs)
+    for response, expected in zip(responses, _expected(repositories, requests)):
+        assert response.error is None
+        np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
+
+
+def test_a_malformed_request_fails_alone_and_the_others_are_encoded(repositories, load_model):
+    model, recorder = load_model("config.pbtxt")
+    requests = _requests([1, 1])
+    bad = {"PIXEL_VALUES": _Tensor("PIXEL_VALUES", np.zeros((1, 3, 32, 32), dtype=np.float32))}
+    responses = model.execute([requests[0], bad, requests[1]])
+    assert [size for event, size in recorder.events if event == "run"] == [1, 1]
+    assert responses[1].error.code == _TritonError.INVALID_ARG and "PIXEL_VALUES must be float32" in str(
+        responses[1].error)
+    for response, expected in zip([responses[0], responses[2]], _expected(repositories, requests)):
+        np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
