@@ -31,6 +31,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from blip_server.checkpoint import (
     GENERATION_OPTIONS,
     check_layout,
@@ -53,7 +55,6 @@ from blip_server.repository import MANIFEST, SHARED_MODULES, shared_directory, t
 log = logging.getLogger(__name__)
 
 TARGETS = ("embedded", "triton-container")
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 # Smallest cosine similarity between a lower precision encoder's output vectors and PyTorch's fp32 ones that
 # an export accepts (int8 is measured higher on real architectures: see the README; this floor catches breakage).
 MIN_COSINE = {"fp16": 0.999, "int8": 0.98}
@@ -124,7 +125,7 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
         raise ExportError(f"transformers could not load {checkpoint}: {exc}") from exc
     vision_config, text_config = model.config.vision_config, model.config.text_config
     images = image_settings(processor.image_processor, vision_config.image_size)
-    if options.image_processor == "torchvision" and images["resample"] != BICUBIC:
+    if options.image_processor == "torchvision" and images["resample"] != Image.Resampling.BICUBIC:
         raise ExportError(f"--image-processor torchvision supports bicubic resampling only; this checkpoint "
                           f"resamples with {images['resample']}")
     images["backend"] = options.image_processor

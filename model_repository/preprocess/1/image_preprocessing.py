@@ -141,7 +141,7 @@ def torchvision_pixel_values(image: Image.Image, config: ImageProcessorConfig) -
     to float32, normalised with mean and std divided by rescale_factor (rescaling fused into normalisation)."""
     import torch
 
-    if config.do_resize and config.resample != BICUBIC:
+    if config.do_resize and config.resample != Image.Resampling.BICUBIC:
         raise ValueError(f"the torchvision image processor is supported with bicubic resampling only, not "
                          f"resample={config.resample}")
     rgb = _convert_to_rgb(image) if config.do_convert_rgb else image
@@ -161,7 +161,6 @@ def torchvision_pixel_values(image: Image.Image, config: ImageProcessorConfig) -
     return np.ascontiguousarray(tensor[0].to(torch.float32).numpy())
 
 
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 # --image-processor: which backend of BlipImageProcessor the pixels equal.
 PROCESSORS = {"pil": pixel_values, "torchvision": torchvision_pixel_values}
 
