@@ -69,7 +69,10 @@ class Load:
 
 def test_a_replica_killed_under_load_loses_no_call_and_serves_again_once_back(repositories, checkpoints, start_triton):
     repository = repositories["standard"]
-    first, second = start_triton(repository), start_triton(repository)
+    # Both replicas share this machine's cores, busy at once: their decoders' OpenMP threads must sleep when idle,
+    # not spin (docs/architecture.md, "The CPU cores"); spinning, the 20 calls below took 23 s instead of 2.
+    options = {"environment": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    first, second = start_triton(repository, **options), start_triton(repository, **options)
     endpoints = [f"127.0.0.1:{t.options.grpc_port}" for t in (first, second)]
     expected = {kind: reference.caption(str(checkpoints["standard"]), KINDS[kind], num_beams=2)[0][0] for kind in USED}
     gateway = GatewayProcess("--triton", endpoints[0], "--triton", endpoints[1], "--health-interval", "0.5",
@@ -90,7 +93,7 @@ def test_a_replica_killed_under_load_loses_no_call_and_serves_again_once_back(re
         first.stop()
         first.cleanup()
         restarted = start_triton(repository, grpc_port=first.options.grpc_port, http_port=first.options.http_port,
-                                 metrics_port=first.options.metrics_port)
+                                 metrics_port=first.options.metrics_port, **options)
         _wait_for(lambda: _replica_up(gateway, endpoints[0]) == 1, 30, "the gateway took the replica back")
         _wait_for(lambda: _served(restarted) >= 10, 60, "the restarted replica served calls")
     finally:
