@@ -27,7 +27,7 @@ from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.memory import MALLOC_ENVIRONMENT
 from blip_server.shared.cpu_turns import PREFIX as TURNS_PREFIX
-from blip_server.shared.cpu_turns import turns_directory
+from blip_server.shared.cpu_turns import turns_directory, turns_path
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -302,6 +302,7 @@ class EmbeddedTriton:
             pass
         process.wait()
         _wait_group_gone(process.pid)
+        turns_path(process.pid).unlink(missing_ok=True)  # its stubs are gone: nobody takes its turns any more
         self._remove_shared_memory()
         return process.returncode
 

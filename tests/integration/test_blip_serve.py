@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from blip_server.errors import TritonStartError
 from blip_server import procfs
+from blip_server.shared.cpu_turns import turns_path
 from blip_server.triton import EmbeddedTriton, TritonOptions, remove_orphaned_shared_memory
 from support import images, reference
 from support.network import free_port
@@ -37,6 +38,7 @@ def test_serve_a_checkpoint_then_stop_cleanly(checkpoints, tmp_path):
     assert code == 0, err
     assert "stopping" in err
     assert wait_gone(triton_pid), "tritonserver or its Python stubs outlived blip-serve"
+    assert not turns_path(triton_pid).exists()  # its CPU turns' file went with it
     assert len(list((tmp_path / "cache" / "repositories").glob("*/blip_export.json"))) == 1
 
 
