@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import subprocess
 import sys
 import threading
 
-from blip_server.shared.cpu_turns import CpuTurns, turns_path
+import pytest
+
+from blip_server.shared.cpu_turns import CpuTurns, available_cores, turns_path
 from blip_server.triton import remove_stale_turn_files
 
 
@@ -77,3 +80,31 @@ def test_turns_switched_off_never_wait(tmp_path):
         thread = threading.Thread(target=take, daemon=True)
         thread.start()
         assert entered.wait(30)
+
+
+def _cgroup(root, files: dict[str, str], own: str = "0::/\n"):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "self-cgroup").write_text(own)
+    return dict(cgroup=root / "fs", self_cgroup=root / "self-cgroup")
+
+
+@pytest.mark.parametrize("files, own, quota", [
+    ({"fs/cpu.max": "50000 100000\n"}, "0::/\n", 0.5),  # cgroup v2, in a container's namespace
+    ({"fs/cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # rounded up
+    ({"fs/kubepods/pod1/cpu.max": "100000 100000\n"}, "0::/kubepods/pod1\n", 1.0),  # v2, seen from the host
+    ({"fs/cpu.max": "max 100000\n"}, "0::/\n", None),
+    ({"fs/cpu/cpu.cfs_quota_us": "50000\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", 0.5),  # v1
+    ({"fs/cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "fs/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, "", None),
+    ({}, "", None),  # nothing to read
+])
+def test_threads_follow_the_cgroups_cpu_limit_within_the_affinity(tmp_path, files, own, quota):
+    cores = len(os.sched_getaffinity(0))
+    expected = cores if quota is None else max(1, min(cores, math.ceil(quota)))
+    assert available_cores(**_cgroup(tmp_path, files, own)) == expected
+
+
+def test_a_limit_above_the_affinity_leaves_the_affinity(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores(**_cgroup(tmp_path, {"fs/cpu.max": f"{(cores + 3) * 100000} 100000"})) == cores

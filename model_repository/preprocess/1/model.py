@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cpu_turns import available_cores
 from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
 from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
@@ -71,7 +72,7 @@ class TritonPythonModel:
         self.max_length = int(params.get("default_max_length") or 0)
         self.min_length = int(params.get("default_min_length") or 0)
         self.limits = from_parameters(GenerationLimits, params, "limit_")
-        threads = int(params.get("threads") or 0) or len(os.sched_getaffinity(0))
+        threads = int(params.get("threads") or 0) or available_cores()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
         self._trimmed_at = time.monotonic()
 

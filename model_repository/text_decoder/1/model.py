@@ -18,7 +18,6 @@ flight are exported as Triton metrics (`blip_decoder_*` on Triton's metrics port
 """
 
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -34,7 +33,7 @@ import triton_python_backend_utils as pb_utils
 from blip_text_decoder import BlipTextDecoder
 from caption_generation import DecodeLoop
 from caption_text import CaptionDecoder
-from cpu_turns import CpuTurns
+from cpu_turns import CpuTurns, available_cores
 from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -90,7 +89,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"]
-        torch.set_num_threads(int(params.get("threads") or 0) or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(int(params.get("threads") or 0) or available_cores())
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             if not torch.cuda.is_available():

@@ -13,14 +13,13 @@ its own, so that only the requests that fail alone are answered with an error.
 """
 
 import json
-import os
 import traceback
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-from cpu_turns import CpuTurns
+from cpu_turns import CpuTurns, available_cores
 
 
 def _parameter(config: dict, name: str, default: int) -> int:
@@ -47,7 +46,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         directory = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _parameter(config, "threads", 0) or len(os.sched_getaffinity(0))
+        options.intra_op_num_threads = _parameter(config, "threads", 0) or available_cores()
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: the decoder and preprocess share the cores with this model.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -8,6 +8,8 @@ step, with every core, and the other waits (an exclusive `flock` on one file per
 back if its holder dies). A decode step is short, so a new image waits for at most one step; decode steps wait for
 an encoder run, and meanwhile more requests join the decode loop, whose next step then decodes them together.
 
+`available_cores()` is how many threads a model starts when its `threads` parameter is 0.
+
 This module is copied into the Triton models that use it (`blip-export`); the server's side of it is
 `blip_server.triton`, which removes the files of servers that are gone.
 """
@@ -15,11 +17,40 @@ This module is copied into the Triton models that use it (`blip-export`); the se
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import tempfile
 from pathlib import Path
 
 PREFIX = "blip-cpu-turns-"
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup: Path = CGROUP, self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota rounded up (a container's
+    CPU limit: Kubernetes' `limits.cpu`, Compose's `cpus`), where the affinity still shows every core of the node.
+    Threads past the quota would only wait for it, and spin against the other containers' threads meanwhile."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cpu_quota(cgroup, self_cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cpu_quota(cgroup: Path = CGROUP, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use per period; None: no limit (or no cgroup to read)."""
+    try:  # cgroup v2: "<quota> <period>" or "max <period>", in the process's own cgroup
+        relative = next(line[3:] for line in self_cgroup.read_text().splitlines() if line.startswith("0::"))
+        quota, period = (cgroup / relative.lstrip("/") / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, StopIteration):
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):  # cgroup v1, as a container mounts it: -1 is no limit
+        try:
+            quota = int((cgroup / controller / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
 
 
 def turns_directory() -> Path:
