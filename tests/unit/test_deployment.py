@@ -172,6 +172,8 @@ def test_triton_runs_with_probes_shared_memory_and_an_exported_repository(render
     assert export["image"].startswith("blip-caption/export") and "triton-container" in export["args"]
     gpu = triton["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpu, "--model-config-name=gpu" in triton["args"]) == ((1, True) if overlay == "gpu" else (None, False))
+    if overlay == "cpu":  # the models start a thread per core of the CPU limit (cpu_turns.available_cores)
+        assert triton["resources"]["limits"]["cpu"] == triton["resources"]["requests"]["cpu"]
 
 
 def test_the_gateway_balances_over_the_headless_triton_service_and_is_probed_over_grpc(rendered):
