@@ -12,6 +12,9 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["batch"] for r in results["transformers"]] == [1, 4]
+    # transformers one by one again at the end (how far the machine drifted): the same captions, timed anew
+    again = results["transformers_again"]
+    assert again["batch"] == 1 and again["identical_share"] == 1.0 and again["seconds"] > 0
     rows = results["service"]["fp32"]["rows"]
     assert {(r["route"], r["concurrency"]) for r in rows} == {(route, c) for route in ("gateway", "triton") for c in (1, 4)}
     for row in rows:
@@ -24,4 +27,5 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     assert sum(service["peak_memory"].values()) >= sum(service["memory"].values()) * 0.9 > 0
     assert any(name.startswith("stub text_decoder") for name in service["peak_memory"])
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| transformers, batch 1 |" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| transformers, batch 1 |" in markdown and "| transformers, batch 1, again at the end |" in markdown

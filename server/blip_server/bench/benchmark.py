@@ -7,7 +7,8 @@ For each precision it exports the checkpoint (`--preset` builds a random checkpo
 never committed: cost does not depend on weight values when every caption has exactly `--tokens` new tokens),
 starts `blip-serve`, and captions the same generated images
 
-- with transformers (`BlipForConditionalGeneration.generate()`), one image per call and in its best batch;
+- with transformers (`BlipForConditionalGeneration.generate()`), one image per call and in its best batch, and
+  one by one again at the end, which shows how far the machine's speed drifted during the run;
 - through the gateway with the SDK, and straight to the `blip_caption` ensemble with tritonclient, at each
   concurrency;
 
@@ -20,6 +21,7 @@ are compared with fp32's. It writes results.json, results.md and throughput.png 
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import tempfile
@@ -77,36 +79,50 @@ def _row(name: str, seconds: float, latencies: list[float], captions: int, **ext
             "p99_ms": 1000 * float(np.percentile(latencies, 99)), **extra}
 
 
-def run_transformers(settings: Settings, images: list[bytes]) -> tuple[list[dict], list[str]]:
-    """transformers one by one and in batches; returns (rows, captions of one by one)."""
-    import io
+class Transformers:
+    """transformers' `generate()` on the checkpoint, timed one by one or in batches."""
 
-    import torch
-    from PIL import Image, ImageOps
-    from transformers import AutoProcessor, BlipForConditionalGeneration
+    def __init__(self, settings: Settings):
+        import torch
+        from transformers import AutoProcessor, BlipForConditionalGeneration
 
-    torch.set_num_threads(settings.threads)
-    model = BlipForConditionalGeneration.from_pretrained(settings.checkpoint).eval()
-    processor = AutoProcessor.from_pretrained(settings.checkpoint)
-    options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
+        torch.set_num_threads(settings.threads)
+        self.model = BlipForConditionalGeneration.from_pretrained(settings.checkpoint).eval()
+        self.processor = AutoProcessor.from_pretrained(settings.checkpoint)
+        self.options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
+        self._warm = False
 
-    def caption(batch: list[bytes]) -> list[str]:
+    def caption(self, batch: list[bytes]) -> list[str]:
+        import torch
+        from PIL import Image, ImageOps
+
         pictures = [ImageOps.exif_transpose(Image.open(io.BytesIO(d))).convert("RGB") for d in batch]
-        inputs = processor(images=pictures, return_tensors="pt")
+        inputs = self.processor(images=pictures, return_tensors="pt")
         with torch.inference_mode():
-            return processor.batch_decode(model.generate(**inputs, **options), skip_special_tokens=True)
+            return self.processor.batch_decode(self.model.generate(**inputs, **self.options), skip_special_tokens=True)
 
-    caption(images[:1])  # warm-up
-    rows, one_by_one = [], []
-    for size in settings.batch_sizes:
+    def measure(self, images: list[bytes], size: int, name: str = "") -> tuple[dict, list[str]]:
+        """-> (the row of captioning `images` in batches of `size`, the captions)."""
+        if not self._warm:
+            self.caption(images[:1])
+            self._warm = True
         latencies, texts = [], []
         started = time.perf_counter()
         for i in range(0, len(images), size):
             t = time.perf_counter()
-            texts += caption(images[i: i + size])
+            texts += self.caption(images[i: i + size])
             latencies += [time.perf_counter() - t] * len(images[i: i + size])
-        rows.append(_progress(_row(f"transformers, batch {size}", time.perf_counter() - started, latencies,
-                                   len(images), kind="transformers", batch=size)))
+        return _progress(_row(name or f"transformers, batch {size}", time.perf_counter() - started, latencies,
+                              len(images), kind="transformers", batch=size)), texts
+
+
+def run_transformers(transformers: Transformers, settings: Settings,
+                     images: list[bytes]) -> tuple[list[dict], list[str]]:
+    """transformers one by one and in batches; returns (rows, captions of one by one)."""
+    rows, one_by_one = [], []
+    for size in settings.batch_sizes:
+        row, texts = transformers.measure(images, size)
+        rows.append(row)
         if size == 1:
             one_by_one = texts
     return rows, one_by_one
@@ -260,7 +276,8 @@ def run(settings: Settings) -> dict:
 
     images = _scenes(settings.images)
     bandwidth = memory_bandwidth()
-    baseline, reference = run_transformers(settings, images)
+    transformers = Transformers(settings)
+    baseline, reference = run_transformers(transformers, settings, images)
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
                "cpu_threads": settings.threads, "memory_bandwidth_gb_s": bandwidth / 1e9,
                "transformers": baseline, "service": {}}
@@ -272,6 +289,11 @@ def run(settings: Settings) -> dict:
             service = run_service(settings, repository, precision, images, bandwidth)
             texts[precision] = service.pop("texts")
             results["service"][precision] = service
+    # The machine may have sped up or slowed down while the service ran: transformers one by one again, at the end,
+    # says by how much (the ratios are against the first measurement).
+    again, again_texts = transformers.measure(images, 1, "transformers, batch 1, again at the end")
+    again["identical_share"] = sum(a == b for a, b in zip(again_texts, reference)) / len(images)
+    results["transformers_again"] = again
     one_by_one = baseline[0]["captions_per_second"]
     for precision, service in results["service"].items():
         compare_to = reference if precision == "fp32" else texts.get("fp32", {}).get(("gateway", settings.concurrency[0]))

@@ -16,7 +16,8 @@ def markdown(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     one_by_one = results["transformers"][0]["captions_per_second"]
-    for row in results["transformers"]:
+    again = [results["transformers_again"]] if "transformers_again" in results else []
+    for row in results["transformers"] + again:
         lines.append(f"| {row['name']} | {row['seconds_per_caption']:.3f} | {row['captions_per_second']:.2f} | "
                      f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['captions_per_second'] / one_by_one:.2f}x | |")
     for service in results["service"].values():
