@@ -48,5 +48,6 @@ def test_large_images_are_not_kept_once_answered(service):
     after = _at_rest(service)
     grown = {name: (after[name] - before.get(name, 0)) / 2**20 for name in after}
     # Triton's default keeps the request messages of up to 8 finished calls (6 x 12 MB here), a heap without
-    # trimming keeps what its busiest moment needed: either shows as several images' worth.
-    assert all(growth < 1.5 * size / 2**20 for growth in grown.values()), (grown, service.triton_log_tail())
+    # trimming keeps what its busiest moment needed: either shows as six images' worth or more. Under three: at the
+    # end of a full suite (this server has served every test before), tritonserver was once seen 24 MB up.
+    assert all(growth < 3 * size / 2**20 for growth in grown.values()), (grown, service.triton_log_tail())
