@@ -182,6 +182,8 @@ class EmbeddedTriton:
             f"--backend-directory={self._workdir / 'backends'}",
             "--model-control-mode=none",
             "--strict-readiness=true",
+            # Our configs are complete: no stub is started (importing torch or ONNX Runtime) to complete them first.
+            "--disable-auto-complete-config",
             f"--exit-timeout-secs={o.exit_timeout}",
             f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
