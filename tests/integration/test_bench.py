@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 from blip_server.bench.cli import main
+from blip_server.shared.cpu_turns import available_cores
 
 
 def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["batch"] for r in results["transformers"]] == [1, 4]
+    assert results["cpu_threads"] == available_cores()  # transformers' threads: those the service's models start
     # transformers one by one again at the end (how far the machine drifted): the same captions, timed anew
     again = results["transformers_again"]
     assert again["batch"] == 1 and again["identical_share"] == 1.0 and again["seconds"] > 0

@@ -292,7 +292,7 @@ def run(settings: Settings) -> dict:
     # The machine may have sped up or slowed down while the service ran: transformers one by one again, at the end,
     # says by how much (the ratios are against the first measurement).
     again, again_texts = transformers.measure(images, 1, "transformers, batch 1, again at the end")
-    again["identical_share"] = sum(a == b for a, b in zip(again_texts, reference)) / len(images)
+    again["identical_share"] = _identical_share(again_texts, reference)
     results["transformers_again"] = again
     one_by_one = baseline[0]["captions_per_second"]
     for precision, service in results["service"].items():
@@ -302,5 +302,10 @@ def run(settings: Settings) -> dict:
             row["speedup"] = row["captions_per_second"] / one_by_one
             if compare_to is not None:
                 row["identical_to"] = "transformers" if precision == "fp32" else "fp32"
-                row["identical_share"] = sum(a == b for a, b in zip(answers, compare_to)) / len(answers)
+                row["identical_share"] = _identical_share(answers, compare_to)
     return results
+
+
+def _identical_share(answers: list[str], reference: list[str]) -> float:
+    """The share of captions equal to the reference's for the same images."""
+    return sum(a == b for a, b in zip(answers, reference, strict=True)) / len(answers)

@@ -46,7 +46,6 @@ def _soak(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import importlib.util
-    import os
 
     if importlib.util.find_spec("matplotlib") is None:  # found now, not after minutes of measuring
         print("blip-bench run plots with matplotlib: pip install 'blip-caption-service[bench]'", file=sys.stderr)
@@ -56,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from blip_server.bench.report import write
     from blip_server.model_store import demo_checkpoint
     from blip_server.random_checkpoint import CheckpointSpec, build
+    from blip_server.shared.cpu_turns import available_cores
 
     ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
     with tempfile.TemporaryDirectory() as work:
@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
             concurrency=ints(args.concurrency or ("1,4" if quick else "1,4,8,16")),
             precisions=tuple((args.precision or ("fp32" if quick else "fp32,int8")).split(",")),
             beams=args.beams, tokens=args.tokens, batch_sizes=ints(args.batch_sizes or ("1,4" if quick else "1,4,8")),
-            threads=len(os.sched_getaffinity(0)), overtaking=not quick,
+            # transformers gets the threads the service's models start: the cores, capped by a container's CPU limit
+            threads=available_cores(), overtaking=not quick,
         )
         results = run(settings)
     print(write(results, args.output))
