@@ -52,7 +52,7 @@ def test_the_soak_command_accounts_for_every_call(service, tmp_path):
 
     from blip_server.bench.cli import main
 
-    assert main(["soak", "--server", service.address, "--minutes", "0.2", "--concurrency", "4", "--hostile", "0.3",
+    assert main(["soak", "--server", service.address, "--minutes", "0.1", "--concurrency", "4", "--hostile", "0.3",
                  "--warmup", "0", "--output", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "soak.json").read_text())["summary"]
     assert summary["calls"] > 10 and summary["lost"] == 0 and summary["unexpected"] == 0
@@ -68,7 +68,8 @@ def test_the_soak_reads_memory_at_rest_after_the_warm_up_and_at_the_end(service)
     def memory():  # each reading carries the gauge's value as a pseudo-process of that many bytes
         return {**service.memory(), "in flight": int(service.metrics()[("blip_gateway_in_flight_requests", ())])}
 
-    report = soak(service.address, memory, minutes=0.25, concurrency=6, hostile_share=0.2, warmup=4,
+    minutes = 0.12
+    report = soak(service.address, memory, minutes=minutes, concurrency=6, hostile_share=0.2, warmup=4,
                   settle=0.5, memory_kinds=service.memory_kinds)
     summary = report.summary()
     assert summary["lost"] == 0 and summary["unexpected"] == 0
@@ -76,7 +77,7 @@ def test_the_soak_reads_memory_at_rest_after_the_warm_up_and_at_the_end(service)
     assert max(r["processes"]["in flight"] for r in report.rss) > 0  # the gauge does see the load
     first_rest, last_rest = (r["t"] for r in report.at_rest)
     assert any(first_rest < r["t"] for r in report.rss)  # loaded again after the first reading at rest
-    assert last_rest >= 0.25 * 60 + 0.5  # the pause came on top of the load's time
+    assert last_rest >= minutes * 60 + 0.5  # the pause came on top of the load's time
     rest = summary["at_rest"]
     assert set(rest["kinds"]) == {"anon", "shmem", "file"} and rest["kinds"]["anon"]["end_mb"] > 0
     assert any(name.startswith("stub text_decoder") for name in rest["processes"])

@@ -32,10 +32,16 @@ class Sample:
 
 
 def _pattern(width: int, height: int, seed: int) -> np.ndarray:
+    """Gradients under noise, like a photo to a JPEG encoder. The noise is a tile repeated, in float32: drawn
+    for every pixel in float64, the 48-megapixel image took 9 s."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
-    image = np.clip(base + rng.normal(0, 30, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    tile = rng.normal(0, 30, size=(256, 256, 3)).astype(np.float32)
+    base = np.tile(tile, (-(-height // 256), -(-width // 256), 1))[:height, :width]
+    base[..., 0] += np.arange(width, dtype=np.float32) * (255 / max(width - 1, 1))
+    base[..., 1] += np.arange(height, dtype=np.float32)[:, None] * (255 / max(height - 1, 1))
+    diagonal = (np.arange(width) % 256).astype(np.uint8)[None, :] + (np.arange(height) % 256).astype(np.uint8)[:, None]
+    base[..., 2] += diagonal  # (x + y) mod 256: uint8 wraps
+    image = np.clip(base, 0, 255, out=base).astype(np.uint8)
     image[height // 4: height // 2, width // 3: width // 2] = rng.integers(0, 256, 3)
     return image
 
