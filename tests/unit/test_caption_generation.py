@@ -155,7 +155,8 @@ def _nan_filled(tensor):
 
 def test_requests_joining_and_leaving_a_running_loop_decode_as_if_alone(setup, memory):
     """In flight: requests join at different steps (taking slots others left, widening the rows per slot when
-    a request with more beams arrives) and leave as they finish; each gets what it gets alone."""
+    a request with more beams arrives, lengthening the cache's columns when one with a longer sequence does) and
+    leave as they finish; each gets what it gets alone."""
     from caption_generation import DecodeLoop
 
     _, processor, _, embeds, decoder = setup
@@ -169,15 +170,17 @@ def test_requests_joining_and_leaving_a_running_loop_decode_as_if_alone(setup, m
         (14, 0, None, GenerationOptions()),
     ]
     loop = DecodeLoop(decoder, columns=64)
-    results, step, width_seen = {}, 0, set()
+    results, step, width_seen, columns_seen = {}, 0, set(), set()
     while step <= max(p[0] for p in plan) or len(loop):
         for key, (at, image, prompt, options) in enumerate(plan):
             if at == step:
                 loop.add(key, embeds[image], _prompt_ids(processor, decoder, prompt), options)
         results.update(loop.step())
         width_seen.add(loop.cache.width)
+        columns_seen.add(loop.cache.columns)
         step += 1
     assert width_seen >= {3, 5} and sorted(results) == list(range(len(plan)))
+    assert len(columns_seen) > 1 and max(columns_seen) <= 64  # grown while others were in flight
     for key, (_, image, prompt, options) in enumerate(plan):
         alone = generate(decoder, embeds[image : image + 1], [_prompt_ids(processor, decoder, prompt)], [options])[0]
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone], key
@@ -219,8 +222,8 @@ def test_an_idle_loop_gives_its_cache_back_and_the_next_requests_decode_as_if_al
         results = {}
         while len(loop):
             results.update(loop.step())
-            if len(loop):
-                assert loop.cache.rows >= 9 and loop.cache.image_keys
+            if len(loop):  # columns for BOS and 5 new tokens, not the loop's 32
+                assert loop.cache.rows >= 9 and loop.cache.image_keys and loop.cache.columns == 6
         assert loop.cache.rows == 0 and loop.cache.kv.numel() == 0 and not loop.cache.image_keys  # given back
         for image in range(3):
             alone = generate(decoder, embeds[image : image + 1], [bos], [options])[0]

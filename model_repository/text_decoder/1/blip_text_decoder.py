@@ -134,20 +134,24 @@ class RowCache:
     kv[:filled], is one contiguous block that a beam reorder gathers in one pass; tokens: [rows, columns]
     (`vocab_size` where empty); lengths: [rows], the columns each row has filled; next_tokens: [rows], the
     token each row feeds at the next step. image_keys/values: one [slots, heads, L, head] per layer. Rows of
-    slot s are [s * width, (s + 1) * width). Everything grows by doubling when needed and never shrinks.
+    slot s are [s * width, (s + 1) * width). Everything grows by doubling when needed and never shrinks, the
+    columns too, up to `max_columns`: sized for the longest sequence among the requests seen, not for the longest
+    any request may ask for (BLIP-large, 3 beams of 4 + 20 tokens, at the 128-column limit: 19 MB of keys/values
+    per row with the spare buffer; at 24 columns: 3.5 MB).
     """
 
-    def __init__(self, config: DecoderConfig, device, dtype, columns: int):
+    def __init__(self, config: DecoderConfig, device, dtype, max_columns: int):
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.columns = columns
+        self.max_columns = max_columns
+        self.columns = 0  # capacity, in columns
         self.width = 1
         self.slots = 0  # capacity, in slots
         layers, heads, size = config.num_hidden_layers, config.num_attention_heads, config.head_size
-        self.kv = torch.empty((columns, 2 * layers, 0, heads, size), device=device, dtype=dtype)
+        self.kv = torch.empty((0, 2 * layers, 0, heads, size), device=device, dtype=dtype)
         self._spare = None
-        self.tokens = torch.empty((0, columns), device=device, dtype=torch.long)
+        self.tokens = torch.empty((0, 0), device=device, dtype=torch.long)
         self.lengths = torch.zeros(0, device=device, dtype=torch.long)
         self.next_tokens = torch.zeros(0, device=device, dtype=torch.long)
         self.image_keys: list[torch.Tensor] = []
@@ -158,22 +162,26 @@ class RowCache:
     def rows(self) -> int:
         return self.slots * self.width
 
-    def ensure(self, slots: int, width: int, image_tokens: int) -> None:
-        """Room for `slots` slots of `width` rows and images of `image_tokens` tokens; rows keep their slot."""
-        if slots <= self.slots and width <= self.width and image_tokens <= self.image_tokens:
+    def ensure(self, slots: int, width: int, image_tokens: int, columns: int) -> None:
+        """Room for `slots` slots of `width` rows, images of `image_tokens` tokens and sequences of `columns`
+        tokens; rows keep their slot and what they hold."""
+        if columns > self.max_columns:
+            raise ValueError(f"sequences of {columns} tokens do not fit the cache's {self.max_columns} columns")
+        if slots <= self.slots and width <= self.width and image_tokens <= self.image_tokens and columns <= self.columns:
             return
         new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots, 1)
         new_width = max(width, self.width)
+        new_columns = min(self.max_columns, max(columns, 2 * self.columns if columns > self.columns else self.columns))
         old_rows = torch.arange(self.rows, device=self.device)
         new_rows = (old_rows // self.width) * new_width + old_rows % self.width
         shape = list(self.kv.shape)
-        shape[2] = new_slots * new_width
+        shape[0], shape[2] = new_columns, new_slots * new_width
         # Zeros, not empty: attention reads columns past a row's length (masked to a weight of exactly 0), and
         # 0 * a NaN left in uninitialised memory would still be NaN.
         kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        kv[:, :, new_rows] = self.kv
-        tokens = torch.full((shape[2], self.columns), self.config.vocab_size, device=self.device, dtype=torch.long)
-        tokens[new_rows] = self.tokens
+        kv[: self.columns, :, new_rows] = self.kv
+        tokens = torch.full((shape[2], new_columns), self.config.vocab_size, device=self.device, dtype=torch.long)
+        tokens[new_rows, : self.columns] = self.tokens
         lengths = torch.zeros(shape[2], device=self.device, dtype=torch.long)
         lengths[new_rows] = self.lengths
         next_tokens = torch.full((shape[2],), self.config.pad_token_id, device=self.device, dtype=torch.long)
@@ -189,7 +197,7 @@ class RowCache:
                     store[i] = grown
                 else:
                     store.append(grown)
-        self.slots, self.width, self.image_tokens = new_slots, new_width, image_tokens
+        self.slots, self.width, self.image_tokens, self.columns = new_slots, new_width, image_tokens, new_columns
 
     def clear(self, rows: torch.Tensor) -> None:
         """Rows whose request left: empty, so that a request taking their slot sees nothing of the last one's."""
@@ -279,8 +287,8 @@ class BlipTextDecoder:
                                    layer.ffn_out)]
         return sum(linear.nbytes for linear in per_step + [self.head, self.lm])
 
-    def new_cache(self, columns: int) -> RowCache:
-        return RowCache(self.config, self.device, self.dtype, columns)
+    def new_cache(self, max_columns: int) -> RowCache:
+        return RowCache(self.config, self.device, self.dtype, max_columns)
 
     # -- building blocks -------------------------------------------------------------------------------------
 

@@ -382,7 +382,8 @@ class DecodeLoop:
             self._used = max(self._used, request.slot + 1)
         if queued:
             width = max([self.cache.width] + [r.n for r in self.requests.values()] + [r.n for r, _ in queued])
-            self.cache.ensure(self._used, width, max(embeds.shape[0] for _, embeds in queued))
+            columns = max(len(r.prompt) + r.options.max_new_tokens for r, _ in queued)
+            self.cache.ensure(self._used, width, max(embeds.shape[0] for _, embeds in queued), columns)
             self._live = self._live_rows()
         return queued
 
