@@ -127,6 +127,11 @@ class _Layer:
     ffn_ln: tuple[torch.Tensor, torch.Tensor]
 
 
+def _doubled(need: int, have: int) -> int:
+    """A capacity that holds `need`: `have` if it does, else at least twice `have` (growth by doubling)."""
+    return max(need, 2 * have) if need > have else have
+
+
 class RowCache:
     """Self-attention keys/values and tokens of every row, plus each slot's cross-attention keys/values.
 
@@ -169,9 +174,9 @@ class RowCache:
             raise ValueError(f"sequences of {columns} tokens do not fit the cache's {self.max_columns} columns")
         if slots <= self.slots and width <= self.width and image_tokens <= self.image_tokens and columns <= self.columns:
             return
-        new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots, 1)
+        new_slots = max(_doubled(slots, self.slots), 1)
         new_width = max(width, self.width)
-        new_columns = min(self.max_columns, max(columns, 2 * self.columns if columns > self.columns else self.columns))
+        new_columns = min(self.max_columns, _doubled(columns, self.columns))
         old_rows = torch.arange(self.rows, device=self.device)
         new_rows = (old_rows // self.width) * new_width + old_rows % self.width
         shape = list(self.kv.shape)
