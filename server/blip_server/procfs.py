@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PAGE_SIZE = 4096
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int | str) -> list[str] | None:
@@ -34,6 +36,13 @@ def children(pid: int) -> dict[int, str]:
         if fields and fields[0] != "Z" and int(fields[1]) == pid:
             found[child] = cmdline(child)
     return found
+
+
+def is_child(pid: int, parent: int) -> bool:
+    """`pid` is alive (not a zombie) and a child of `parent`: one file read, where `children` reads every
+    process's."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[1]) == parent
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -82,6 +91,13 @@ def memory_kinds(pid: int) -> dict[str, int]:
     the kernel does not say (before Linux 5.0) or the process is gone."""
     sizes = _rollup(pid)
     return {kind: sizes[key] for key, kind in MEMORY_KINDS.items() if key in sizes}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far, user and system, all its threads (exited ones too), in seconds
+    (0.0 if it is gone); the kernel counts it in clock ticks, 10 ms on most systems."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else 0.0
 
 
 def rss_bytes(pid: int) -> int:

@@ -1,0 +1,44 @@
+"""procfs.cpu_seconds: the CPU time /proc reports for a process, which `blip-bench` turns into the gateway's share
+of the server's CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from blip_server import procfs
+
+
+def test_cpu_seconds_counts_the_time_a_process_computes_and_not_the_time_it_waits():
+    before = procfs.cpu_seconds(os.getpid())
+    started = time.perf_counter()
+    while time.perf_counter() - started < 0.4:  # busy
+        pass
+    busy = procfs.cpu_seconds(os.getpid()) - before
+    assert 0.25 <= busy <= time.perf_counter() - started + 0.05
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
+    try:
+        time.sleep(0.45)  # it started and now sleeps
+        assert procfs.cpu_seconds(sleeper.pid) < 0.3  # its interpreter's start-up, not its 0.6 s of sleep
+    finally:
+        sleeper.wait()
+    assert procfs.cpu_seconds(sleeper.pid) == 0.0  # gone
+
+
+def test_is_child_sees_a_live_child_and_neither_a_zombie_nor_a_stranger():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert procfs.is_child(child.pid, os.getpid())
+        assert not procfs.is_child(child.pid, child.pid + 1)  # someone else's
+        child.stdin.close()  # it exits, and stays a zombie until waited for
+        deadline = time.monotonic() + 10
+        while procfs.is_child(child.pid, os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not procfs.is_child(child.pid, os.getpid())
+        assert (procfs._stat(child.pid) or ["gone"])[0] == "Z"  # not reaped: what the supervisor sees of a dead stub
+    finally:
+        child.wait()
+    assert not procfs.is_child(child.pid, os.getpid())
