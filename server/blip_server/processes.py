@@ -1,7 +1,7 @@
 """`blip-serve` and `blip-gateway` run as a user runs them: subprocesses on free loopback ports.
 
 One helper for everything that starts the stack (the tests, `blip-demo-evaluate`, `blip-bench`): the command
-line, the ports, waiting for the ready line, the gateway's metrics, the server processes and their memory.
+line, the ports, waiting for the ready line, the gateway's metrics, the server processes, their memory and CPU time.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class CommandProcess:
     def memory_kinds(self) -> dict[str, dict[str, int]]:
         """The same processes' PSS split into anonymous, shared (/dev/shm) and file-backed memory."""
         return {name: procfs.memory_kinds(pid) for name, pid in self._processes().items()}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by this process and every process under it, by the names of `memory()`."""
+        return {name: procfs.cpu_seconds(pid) for name, pid in self._processes().items()}
 
     def _processes(self) -> dict[str, int]:
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}

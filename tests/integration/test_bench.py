@@ -23,6 +23,10 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
         assert row["identical_share"] == 1.0 and row["identical_to"] == "transformers"
         assert row["captions"] == 6 and row["captions_per_second"] > 0
         assert row["models"]["text_decoder"]["executions"] > 0 and row["decoder_floor_s_per_caption"] > 0
+        # CPU time of the server's processes; the gateway's (blip-serve's own process) is found and is a part of it
+        assert row["server_cpu_s_per_caption"] > 0 and 0 <= row["gateway_cpu_share"] < 1
+        if row["route"] == "gateway":
+            assert 0 < row["gateway_cpu_s_per_caption"] < row["server_cpu_s_per_caption"]
     service = results["service"]["fp32"]
     assert service["weights_bytes"] > 0 and results["memory_bandwidth_gb_s"] > 0
     # Memory at rest and at its peak under load, for every server process (the decoder's stub among them).
@@ -31,3 +35,4 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "results.md").read_text()
     assert "| transformers, batch 1 |" in markdown and "| transformers, batch 1, again at the end |" in markdown
+    assert "gateway share" in markdown

@@ -161,6 +161,16 @@ def _delta(after: dict, before: dict) -> dict:
             "compute_ms_per_execution": d["executed_ns"] / 1e6 / executions, "compute_s": d["executed_ns"] / 1e9}
 
 
+def _cpu_per_caption(after: dict[str, float], before: dict[str, float], gateway: str, captions: int) -> dict:
+    """CPU seconds per caption of all server processes and of the gateway's alone, and the gateway's share: on
+    cores the service keeps busy, the throughput the gateway costs against calling Triton directly. The
+    share is read from CPU time, not from two runs' throughputs: the run-to-run noise of those is far larger."""
+    used = {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
+    total, own = sum(used.values()), used.get(gateway, 0.0)
+    return {"server_cpu_s_per_caption": total / captions, "gateway_cpu_s_per_caption": own / captions,
+            "gateway_cpu_share": own / total if total > 0 else 0.0}
+
+
 def _weights_bytes(repository: Path) -> int:
     files = [repository / "vision_encoder" / "1" / "model.onnx", repository / "text_decoder" / "1" / "decoder.safetensors"]
     return sum(f.stat().st_size for f in files if f.exists())
@@ -180,7 +190,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
 
     from blip_client import CaptionClient, GenerationOptions
     from blip_server import ensemble
-    from blip_server.processes import ServeProcess
+    from blip_server.processes import ServeProcess, short_name
 
     options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
     rows, texts = [], {}
@@ -198,14 +208,18 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                                       client_timeout=3600)
                 return ensemble.captions(result)[0][0].text
 
+            gateway = f"{short_name(serve.command)} ({serve.process.pid})"  # blip-serve's own process runs the gateway
             peak = _PeakMemory(serve.memory)
             for concurrency in settings.concurrency:
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
                     before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
+                    cpu_before = serve.cpu_seconds()
                     row, answers = _measure(f"service {precision} via {route}, {concurrency} concurrent", ask, images,
                                             concurrency, kind="service", precision=precision, route=route)
+                    cpu_after = serve.cpu_seconds()
                     after = {m: _stats(triton, m) for m in before}
                     row["models"] = {m: _delta(after[m], before[m]) for m in before}
+                    row.update(_cpu_per_caption(cpu_after, cpu_before, gateway, len(images)))
                     decoder = row["models"]["text_decoder"]
                     floor = settings.tokens * _step_weight_bytes(repository, precision == "int8") / bandwidth
                     steps_per_caption = max(1.0, decoder["executions"] / len(images))

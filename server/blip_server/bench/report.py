@@ -26,9 +26,11 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['name']} | {row['seconds_per_caption']:.3f} | {row['captions_per_second']:.2f} | "
                          f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['speedup']:.2f}x | {same} |")
     lines += ["", "Triton's statistics, through the gateway (mean requests per execution; queue per request; "
-                  "compute per execution), and the decoder against its memory-bandwidth floor:", "",
-              "| run | preprocess | vision_encoder | text_decoder | decoder s per caption | floor | ratio |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+                  "compute per execution), the decoder against its memory-bandwidth floor, and the CPU time of "
+                  "all server processes and of the gateway's per caption:", "",
+              "| run | preprocess | vision_encoder | text_decoder | decoder s per caption | floor | ratio | "
+              "server CPU s per caption | gateway CPU ms per caption | gateway share |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for service in results["service"].values():
         for row in service["rows"]:
             if row["route"] != "gateway":
@@ -37,7 +39,9 @@ def markdown(results: dict) -> str:
                      f"{m['compute_ms_per_execution']:.0f} ms" for m in row["models"].values()]
             floor = row["decoder_floor_s_per_caption"]
             lines.append(f"| {row['name']} | {' | '.join(cells)} | {row['decoder_s_per_caption']:.3f} | "
-                         f"{floor:.3f} | {row['decoder_s_per_caption'] / floor:.1f}x |")
+                         f"{floor:.3f} | {row['decoder_s_per_caption'] / floor:.1f}x | "
+                         f"{row['server_cpu_s_per_caption']:.3f} | {row['gateway_cpu_s_per_caption'] * 1e3:.1f} | "
+                         f"{row['gateway_cpu_share']:.2%} |")
     lines += ["", "| precision | server memory at rest (PSS, MB) | peak under load | weights MB | ratio at rest | "
                   "ratio at peak | short request overtakes long |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for precision, service in results["service"].items():
