@@ -128,14 +128,18 @@ def run_transformers(transformers: Transformers, settings: Settings,
     return rows, one_by_one
 
 
+def _warm_up(ask, images: list[bytes], concurrency: int) -> None:
+    for data in images[: min(len(images), concurrency)]:
+        ask(data)
+
+
 def _measure(name: str, ask, images: list[bytes], concurrency: int, **extra) -> tuple[dict, list[str]]:
+    """Every image asked once, by `concurrency` clients (warm up first: nothing here does)."""
     def timed(data):
         t = time.perf_counter()
         text = ask(data)
         return text, time.perf_counter() - t
 
-    for data in images[: min(len(images), concurrency)]:  # warm-up
-        ask(data)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         answers = list(pool.map(timed, images))
@@ -156,7 +160,7 @@ def _stats(client, model: str) -> dict:
 def _delta(after: dict, before: dict) -> dict:
     d = {k: after[k] - before[k] for k in after}
     executions = max(1, d["executions"])
-    return {"mean_batch": d["requests"] / executions, "executions": d["executions"],
+    return {"requests": d["requests"], "mean_batch": d["requests"] / executions, "executions": d["executions"],
             "mean_queue_ms": d["queue_ns"] / 1e6 / max(1, d["requests"]),
             "compute_ms_per_execution": d["executed_ns"] / 1e6 / executions, "compute_s": d["executed_ns"] / 1e9}
 
@@ -212,6 +216,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
             peak = _PeakMemory(serve.memory)
             for concurrency in settings.concurrency:
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
+                    _warm_up(ask, images, concurrency)  # before the readings: they count the measured captions only
                     before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
                     cpu_before = serve.cpu_seconds()
                     row, answers = _measure(f"service {precision} via {route}, {concurrency} concurrent", ask, images,
