@@ -1,5 +1,5 @@
-"""procfs.cpu_seconds: the CPU time /proc reports for a process, which `blip-bench` turns into the gateway's share
-of the server's CPU."""
+"""procfs: a process's CPU time (which `blip-bench` turns into the gateway's share of the server's CPU) and whether a
+process is a live child of another (how the supervisor checks Triton's stubs)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from blip_server import procfs
 def test_cpu_seconds_counts_the_time_a_process_computes_and_not_the_time_it_waits():
     before = procfs.cpu_seconds(os.getpid())
     started = time.perf_counter()
-    while time.perf_counter() - started < 0.4:  # busy
-        pass
-    busy = procfs.cpu_seconds(os.getpid()) - before
-    assert 0.25 <= busy <= time.perf_counter() - started + 0.05
+    while procfs.cpu_seconds(os.getpid()) - before < 0.3:  # busy until /proc says 0.3 s were used (other load or not)
+        assert time.perf_counter() - started < 20, "busy for 20 s and not counted"
+    # no more than the time that passed: a thread computes for at most the time it runs (one tick of rounding)
+    assert procfs.cpu_seconds(os.getpid()) - before <= time.perf_counter() - started + 2 / procfs.CLOCK_TICKS
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
     try:
