@@ -76,7 +76,12 @@ class CommandProcess:
 
     def _processes(self) -> dict[str, int]:
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}
-        return {f"{short_name(command)} ({pid})": pid for pid, command in processes.items()}
+        return {process_name(command, pid): pid for pid, command in processes.items()}
+
+
+def process_name(command: str, pid: int) -> str:
+    """How `memory()` and `cpu_seconds()` name a process: `tritonserver (1234)`, `stub preprocess (1240)`, ..."""
+    return f"{short_name(command)} ({pid})"
 
 
 def short_name(command: str) -> str:

@@ -30,12 +30,7 @@ def cmdline(pid: int) -> str:
 
 def children(pid: int) -> dict[int, str]:
     """Live (not zombie) children of `pid` -> their command lines."""
-    found = {}
-    for child in _pids():
-        fields = _stat(child)
-        if fields and fields[0] != "Z" and int(fields[1]) == pid:
-            found[child] = cmdline(child)
-    return found
+    return {child: cmdline(child) for child in _pids() if is_child(child, pid)}
 
 
 def is_child(pid: int, parent: int) -> bool:

@@ -194,7 +194,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
 
     from blip_client import CaptionClient, GenerationOptions
     from blip_server import ensemble
-    from blip_server.processes import ServeProcess, short_name
+    from blip_server.processes import ServeProcess, process_name
 
     options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
     rows, texts = [], {}
@@ -212,7 +212,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                                       client_timeout=3600)
                 return ensemble.captions(result)[0][0].text
 
-            gateway = f"{short_name(serve.command)} ({serve.process.pid})"  # blip-serve's own process runs the gateway
+            gateway = process_name(serve.command, serve.process.pid)  # blip-serve's own process runs the gateway
             peak = _PeakMemory(serve.memory)
             for concurrency in settings.concurrency:
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
