@@ -25,9 +25,9 @@ from pathlib import Path
 
 from blip_server import procfs
 from blip_server.errors import TritonStartError
-from blip_server.memory import MALLOC_ENVIRONMENT
 from blip_server.shared.cpu_turns import PREFIX as TURNS_PREFIX
-from blip_server.shared.cpu_turns import turns_directory, turns_path
+from blip_server.shared.cpu_turns import available_cores, turns_directory, turns_path
+from blip_server.triton_command import ENVIRONMENT, EXIT_TIMEOUT_SECONDS, server_flags
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -75,8 +75,6 @@ def remove_stale_turn_files(directory: Path | None = None) -> list[str]:
     return removed
 
 
-# Triton APIs no client of ours needs (inference, health, metadata, model config and statistics stay open).
-RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # Error-level lines every start on a machine without a GPU prints; they say nothing about a failure.
 _BENIGN_WITHOUT_GPU = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 
@@ -102,7 +100,7 @@ class TritonOptions:
     http_port: int = 8000
     metrics_port: int = 8002
     startup_timeout: float = 300.0
-    exit_timeout: int = 30
+    exit_timeout: int = EXIT_TIMEOUT_SECONDS
     log_verbose: int = 0
     log_path: Path | None = None
     model_config_name: str = ""
@@ -173,18 +171,12 @@ class EmbeddedTriton:
     def command(self) -> list[str]:
         o = self.options
         binary, _, _ = _wheel_paths()
-        # Closed even on loopback: the APIs that change what is served or read its memory and logs. Calls to them
-        # must carry a header whose value is this random key, which nothing is told.
-        closed = f"{','.join(RESTRICTED_APIS)}:admin-key={self._admin_key}"
         return [
             str(binary),
             f"--model-repository={Path(o.model_repository).resolve()}",
             f"--backend-directory={self._workdir / 'backends'}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            # Our configs are complete: no stub is started (importing torch or ONNX Runtime) to complete them first.
-            "--disable-auto-complete-config",
-            f"--exit-timeout-secs={o.exit_timeout}",
+            *server_flags(self._admin_key, available_cores()),
+            *([f"--exit-timeout-secs={o.exit_timeout}"] if o.exit_timeout != EXIT_TIMEOUT_SECONDS else []),
             f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
             f"--http-address={o.host}",
@@ -192,23 +184,12 @@ class EmbeddedTriton:
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             f"--log-verbose={o.log_verbose}",
-            f"--grpc-restricted-protocol={closed}",
-            # Triton keeps up to 8 finished calls' request/response messages for reuse (default), and a message
-            # keeps the capacity of the largest image it ever carried: up to 8 x --max-image-bytes held for good
-            # (found as fully resident 17-35 MB mappings in an idle server after a soak). Reuse none.
-            "--grpc-infer-allocation-pool-size=0",
-            f"--http-restricted-api={closed}",
             *([f"--model-config-name={o.model_config_name}"] if o.model_config_name else []),
-            # Python-backend tensors travel through shared memory. The pool keeps every page it ever touched, and
-            # growing it in small steps scatters large tensors over new pages: start it at 256 MiB (room for the
-            # tensors of dozens of requests in flight) and grow it by 64 MiB when a burst needs more.
-            "--backend-config=python,shm-default-byte-size=268435456",
-            "--backend-config=python,shm-growth-byte-size=67108864",
         ]
 
     def _environment(self) -> dict[str, str]:
         _, _, libs = _wheel_paths()
-        env = {**MALLOC_ENVIRONMENT, **os.environ, **self.options.environment}
+        env = {**os.environ, **ENVIRONMENT, **self.options.environment}
         library_path = [sysconfig.get_config_var("LIBDIR"), str(libs)]
         if env.get("LD_LIBRARY_PATH"):
             library_path.append(env["LD_LIBRARY_PATH"])
