@@ -22,8 +22,10 @@ has the GPU decoder run in fp16.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -50,7 +52,8 @@ from blip_server.model_configs import (
     write_container_encoder_configs,
     write_python_gpu_configs,
 )
-from blip_server.repository import MANIFEST, SHARED_MODULES, shared_directory, template_directory
+from blip_server.repository import MANIFEST, SHARED_MODULES, read_manifest, shared_directory, template_directory
+from blip_server.repository_copy import RepositoryCopyError, check_replaceable, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,31 @@ class ExportOptions:
     image_processor: str = "pil"
 
 
+def export_fingerprint(options: ExportOptions) -> str:
+    """What an export depends on besides the checkpoint: the options, the model repository template and the code
+    that writes it. Two exports with the same checkpoint content and fingerprint are the same export."""
+    from blip_server import checkpoint as checkpoint_module
+    from blip_server import model_configs as model_configs_module
+    from blip_server import quantize as quantize_module
+
+    digest = hashlib.sha256(repr(sorted(vars(options).items())).encode())
+    template = template_directory()
+    sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    sources += sorted(shared_directory().glob("*.py"))
+    sources += [Path(m.__file__) for m in (checkpoint_module, model_configs_module, quantize_module)]
+    sources.append(Path(__file__))
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, options: ExportOptions = ExportOptions()) -> dict:
-    """Export `checkpoint` into the (new or empty) directory `output`; returns the manifest."""
+    """Export `checkpoint` into the directory `output`; returns the manifest.
+
+    Idempotent: an `output` that already holds this export (same checkpoint content, options and export code) is
+    kept as it is; one holding another export is replaced in one step once the new one is complete; a directory
+    holding anything else is refused.
+    """
     checkpoint, output = Path(checkpoint).resolve(), Path(output)
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
@@ -94,24 +120,29 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, options: Expor
         raise ExportError(f"image processor {options.image_processor!r} is not supported; choose from "
                           f"{', '.join(IMAGE_PROCESSORS)}")
     check_layout(checkpoint)
-    if output.exists() and any(output.iterdir()):
-        raise ExportError(f"{output} exists and is not empty")
-    # Build beside the destination and rename at the end: an interrupted export leaves no half repository.
+    identity = {"checkpoint_sha256": content_digest(checkpoint), "export_fingerprint": export_fingerprint(options)}
+    existing = read_manifest(output)
+    if existing and all(existing.get(key) == value for key, value in identity.items()):
+        log.info("%s already holds this export of %s: kept", output, checkpoint)
+        return existing
+    try:
+        check_replaceable(output)
+    except RepositoryCopyError as exc:
+        raise ExportError(str(exc)) from None
+    # Build beside the destination and move it into place at the end: no reader ever sees half a repository.
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.parent / f".{output.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        manifest = _export(checkpoint, partial, options)
+        manifest = _export(checkpoint, partial, options, identity)
+        replace_directory(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if output.exists():
-        output.rmdir()
-    partial.rename(output)
     return manifest
 
 
-def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
+def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: dict[str, str]) -> dict:
     import torch
     import transformers
     from transformers import AutoProcessor, BlipForConditionalGeneration
@@ -163,16 +194,17 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions) -> dict:
     if options.target == "triton-container":
         tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
         write_container_encoder_configs(output / "vision_encoder",
-                                        EncoderShape(images["height"], images["width"], tokens, vision_config.hidden_size))
+                                        EncoderShape(images["height"], images["width"], tokens, vision_config.hidden_size),
+                                        options.precision)
     if options.precision == "int8":
         add_parameters(output / "text_decoder" / "config.pbtxt", "The decoder's linear layers in int8 (blip-export).",
                        quantization="int8")
-    write_python_gpu_configs(output, decoder_dtype="float16" if options.precision == "fp16" else "float32")
+    write_python_gpu_configs(output, options.precision)
 
     manifest = {
         "format": 1,
         "source": str(checkpoint),
-        "checkpoint_sha256": content_digest(checkpoint),
+        **identity,
         **asdict(options),
         "image_size": [images["height"], images["width"]],
         "encoder_cosine_to_fp32": cosine,
@@ -288,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="blip-export", description="Export a HuggingFace BLIP captioning checkpoint to a Triton model repository."
     )
     parser.add_argument("--model", required=True, help="HuggingFace checkpoint directory (a hub snapshot)")
-    parser.add_argument("--output", required=True, help="model repository to create (must not exist or be empty)")
+    parser.add_argument("--output", required=True,
+                        help="model repository to write: a new or empty directory, or an earlier export (kept when "
+                             "it is this same export, else replaced once the new one is complete)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--target", choices=TARGETS, default="embedded")
     parser.add_argument("--image-processor", choices=IMAGE_PROCESSORS, default="pil",
@@ -301,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                     image_processor=args.image_processor))
     except ExportError as exc:
         print(f"blip-export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an output volume this user may not write
+        print(f"blip-export: error: cannot write {args.output}: {exc.strerror or exc} ({exc.filename or args.output}; "
+              f"running as uid {os.getuid()})", file=sys.stderr)
         return 2
     print(Path(args.output).resolve())
     return 0

@@ -5,13 +5,15 @@
 - Every export: `configs/gpu.pbtxt` for `vision_encoder` and `text_decoder`, chosen by Triton's
   `--model-config-name=gpu` (a model without one keeps its `config.pbtxt`): `KIND_GPU` instances.
 - `triton-container`: the encoder on Triton's native `onnxruntime` backend (NVIDIA's image), CPU by default; its
-  GPU config adds the TensorRT execution accelerator (FP16, engine and timing caches on a volume, one
-  optimisation profile for batch 1..max_batch_size) and warm-up requests, so the model reports ready only once
-  its engines are built.
+  GPU config adds the TensorRT execution accelerator (in the export's precision: FP32 for an fp32 export, which
+  must be exact, FP16 for fp16; engine and timing caches on a volume, the engines in a folder named after the
+  ONNX file's content; one optimisation profile for batch 1..max_batch_size) and warm-up requests, so the model
+  reports ready only once its engines are built.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +77,13 @@ def _gpu_instances(config: mc.ModelConfig) -> None:
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
 
 
-def write_python_gpu_configs(repository: Path, decoder_dtype: str) -> None:
-    """`configs/gpu.pbtxt` for the Python-backend encoder (ONNX Runtime's CUDA/TensorRT providers) and decoder."""
+# TensorRT's precision for each export precision. int8 (ONNX Runtime's dynamic quantisation, torch's int8 linear
+# layers) is the CPU's: its GPU configs refuse to load (the models check the `precision` parameter).
+TENSORRT_PRECISION = {"fp32": "FP32", "fp16": "FP16"}
+
+
+def write_python_gpu_configs(repository: Path, precision: str) -> None:
+    """`configs/gpu.pbtxt` for the Python-backend encoder (ONNX Runtime's CUDA provider) and decoder."""
     for model in ("vision_encoder", "text_decoder"):
         directory = repository / model
         if not (directory / "1" / "model.py").is_file():
@@ -84,17 +91,27 @@ def write_python_gpu_configs(repository: Path, decoder_dtype: str) -> None:
         config = parse_config(directory / "config.pbtxt")
         _gpu_instances(config)
         _set_parameter(config, "threads", 1)  # the GPU does the work: one CPU thread feeds it
+        _set_parameter(config, "precision", precision)
         if model == "vision_encoder":
             _set_parameter(config, "images_per_run", 0)  # a GPU runs the whole batch at once
         if model == "text_decoder":
-            _set_parameter(config, "dtype", decoder_dtype)
+            _set_parameter(config, "dtype", "float16" if precision == "fp16" else "float32")
         _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", config,
                f"{model} on a GPU (tritonserver --model-config-name={GPU_CONFIG}); written by blip-export.\n"
                "Same model as config.pbtxt, one instance on each GPU Triton assigns it.")
 
 
-def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> None:
-    """The encoder's `config.pbtxt` (CPU) and `configs/gpu.pbtxt` (TensorRT) for the native onnxruntime backend."""
+def engine_cache_path(model: Path) -> str:
+    """Where TensorRT engines of `model` (an ONNX file) are cached: ONNX Runtime names engines after the graph's
+    name and shapes, not its weights, so a re-exported fine-tune of the same architecture would load the old
+    engines from a shared folder and serve the old weights. A folder per content avoids that."""
+    with model.open("rb") as f:
+        return f"{TENSORRT_CACHE}/{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
+
+
+def write_container_encoder_configs(directory: Path, shape: EncoderShape, precision: str) -> None:
+    """The encoder's `config.pbtxt` (CPU) and, for fp32 and fp16, `configs/gpu.pbtxt` (TensorRT) for the native
+    onnxruntime backend."""
     config = parse_config(directory / "config.pbtxt")
     config.backend = "onnxruntime"
     config.ClearField("parameters")
@@ -109,6 +126,8 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> Non
            f"configs/{GPU_CONFIG}.pbtxt runs it on GPUs with TensorRT; written by blip-export.")
     for module in ("model.py", "cpu_turns.py"):  # the Python model's, unused by the native backend
         (directory / "1" / module).unlink(missing_ok=True)
+    if precision not in TENSORRT_PRECISION:
+        return  # int8: CPU only (the decoder's GPU config refuses to load)
 
     gpu = mc.ModelConfig()
     gpu.CopyFrom(config)
@@ -117,10 +136,10 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> Non
     pixels = f"{config.input[0].name}:{{}}x3x{shape.height}x{shape.width}"
     tensorrt = gpu.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
     for key, value in {
-        "precision_mode": "FP16",
+        "precision_mode": TENSORRT_PRECISION[precision],
         "max_workspace_size_bytes": str(4 << 30),
         "trt_engine_cache_enable": "1",
-        "trt_engine_cache_path": TENSORRT_CACHE,
+        "trt_engine_cache_path": engine_cache_path(directory / "1" / "model.onnx"),
         "trt_timing_cache_enable": "1",
         "trt_timing_cache_path": TENSORRT_CACHE,
         "trt_profile_min_shapes": pixels.format(1),
@@ -134,6 +153,8 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape) -> Non
             data_type=mc.TYPE_FP32, dims=[3, shape.height, shape.width], random_data=True))
     _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", gpu,
            "The encoder on GPUs (tritonserver --model-config-name=gpu): ONNX Runtime's TensorRT execution provider\n"
-           f"in FP16, one optimisation profile for batch 1..{batch}, engines and timing cache kept in {TENSORRT_CACHE}\n"
-           "(mount a volume there: a restart then loads the engines instead of building them for minutes).\n"
+           f"in {TENSORRT_PRECISION[precision]}, one optimisation profile for batch 1..{batch}, engines in a folder of "
+           f"{TENSORRT_CACHE} named after model.onnx's content\n"
+           "and the timing cache beside it (mount a volume there: a restart then loads the engines instead of building\n"
+           "them for minutes). FP32 runs without TF32 (blip-tritonserver sets NVIDIA_TF32_OVERRIDE=0).\n"
            "The warm-up requests build the engines before the model reports ready. Written by blip-export.")

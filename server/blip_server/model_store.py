@@ -14,14 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from blip_server import checkpoint as checkpoint_module
-from blip_server import export as export_module
-from blip_server import model_configs as model_configs_module
-from blip_server import quantize as quantize_module
 from blip_server.checkpoint import check_layout, content_digest
 from blip_server.errors import ExportError, ModelNotFoundError
-from blip_server.export import ExportOptions, export_checkpoint
-from blip_server.repository import MANIFEST, is_model_repository, shared_directory, template_directory
+from blip_server.export import ExportOptions, export_checkpoint, export_fingerprint
+from blip_server.repository import MANIFEST, is_model_repository
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +25,6 @@ log = logging.getLogger(__name__)
 def demo_checkpoint() -> Path:
     """The demo checkpoint shipped in the source tree (`models/blip-demo`)."""
     return Path(__file__).resolve().parents[2] / "models" / "blip-demo"
-
-
-def export_fingerprint(options: ExportOptions) -> str:
-    digest = hashlib.sha256(repr(sorted(vars(options).items())).encode())
-    template = template_directory()
-    sources = sorted(p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    sources += sorted(shared_directory().glob("*.py"))
-    sources += [Path(m.__file__) for m in (checkpoint_module, export_module, model_configs_module, quantize_module)]
-    for path in sources:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def export_in_child(checkpoint: Path, output: Path, options: ExportOptions) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -76,16 +79,19 @@ def test_triton_container_target_serves_the_encoder_on_onnxruntime(checkpoints, 
     assert parse_config(tmp_path / "repo" / "preprocess" / "config.pbtxt").backend == "python"
 
 
-def test_the_containers_gpu_encoder_uses_tensorrt_fp16_with_caches_a_profile_and_warm_up(checkpoints, tmp_path):
+def test_the_containers_gpu_encoder_uses_tensorrt_in_fp32_with_caches_a_profile_and_warm_up(checkpoints, tmp_path):
     export_checkpoint(checkpoints["unusual"], tmp_path / "repo", ExportOptions(target="triton-container"))
     config = parse_config(tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
     assert config.backend == "onnxruntime"
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     params = dict(accelerator.parameters)
-    assert accelerator.name == "tensorrt" and params["precision_mode"] == "FP16"
+    # An fp32 export is exact on the GPU too: TensorRT in FP32 (no FP16 layers; TF32 is off in the environment).
+    assert accelerator.name == "tensorrt" and params["precision_mode"] == "FP32"
     assert params["trt_engine_cache_enable"] == "1" and params["trt_timing_cache_enable"] == "1"
-    assert params["trt_engine_cache_path"] == params["trt_timing_cache_path"] == "/cache/tensorrt"
+    onnx_digest = hashlib.sha256((tmp_path / "repo" / "vision_encoder" / "1" / "model.onnx").read_bytes()).hexdigest()
+    assert params["trt_engine_cache_path"] == f"/cache/tensorrt/{onnx_digest[:16]}"
+    assert params["trt_timing_cache_path"] == "/cache/tensorrt"
     batch = config.max_batch_size
     assert params["trt_profile_min_shapes"] == "PIXEL_VALUES:1x3x224x224"
     assert params["trt_profile_max_shapes"] == f"PIXEL_VALUES:{batch}x3x224x224"
@@ -95,7 +101,41 @@ def test_the_containers_gpu_encoder_uses_tensorrt_fp16_with_caches_a_profile_and
     decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
     assert decoder.backend == "python" and [g.kind for g in decoder.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert decoder.parameters["dtype"].string_value == "float32"
+    assert decoder.parameters["precision"].string_value == "fp32"
     assert not (tmp_path / "repo" / "preprocess" / "configs").exists()  # stays on the CPU
+
+
+def test_engines_of_different_weights_are_cached_apart(checkpoints, tmp_path):
+    """ONNX Runtime names engines after the graph, not its weights: a fine-tune of the same architecture must not
+    find the engines built for another one."""
+    paths = []
+    for name in ("standard", "standard_retrained"):
+        checkpoint = checkpoints["standard"]
+        if name == "standard_retrained":
+            checkpoint = _broken(checkpoint, tmp_path, _perturb_vision_weights)
+        export_checkpoint(checkpoint, tmp_path / name, ExportOptions(target="triton-container"))
+        config = parse_config(tmp_path / name / "vision_encoder" / "configs" / "gpu.pbtxt")
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        paths.append(accelerator.parameters["trt_engine_cache_path"])
+    assert paths[0] != paths[1] and all(p.startswith("/cache/tensorrt/") for p in paths)
+
+
+def _perturb_vision_weights(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "vision_model" in k and k.endswith("weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(path / "model.safetensors"))
+
+
+def test_an_int8_container_export_has_no_gpu_encoder_and_a_gpu_decoder_that_refuses(checkpoints, tmp_path):
+    export_checkpoint(checkpoints["standard"], tmp_path / "repo", ExportOptions(target="triton-container",
+                                                                                 precision="int8"))
+    assert not (tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt").exists()
+    decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
+    assert decoder.parameters["precision"].string_value == "int8"
+    assert decoder.parameters["quantization"].string_value == "int8"
 
 
 def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repositories):
@@ -114,7 +154,7 @@ def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repos
     assert params["default_num_beams"] == "3"  # the template's parameters are kept
 
 
-def test_an_fp16_encoder_is_close_to_fp32_and_the_gpu_decoder_runs_fp16(tmp_path):
+def test_an_fp16_export_has_an_fp16_encoder_close_to_fp32_and_configures_fp16_on_the_gpu(tmp_path):
     checkpoint = build(SHALLOW["large"], tmp_path / "checkpoint")
     export_checkpoint(checkpoint, tmp_path / "repo", ExportOptions(precision="fp16", target="triton-container"))
     model, _ = reference.load(str(checkpoint))
@@ -133,6 +173,9 @@ def test_an_fp16_encoder_is_close_to_fp32_and_the_gpu_decoder_runs_fp16(tmp_path
     assert json.loads((tmp_path / "repo" / MANIFEST).read_text())["precision"] == "fp16"
     decoder = parse_config(tmp_path / "repo" / "text_decoder" / "configs" / "gpu.pbtxt")
     assert decoder.parameters["dtype"].string_value == "float16"
+    encoder = parse_config(tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
+    (accelerator,) = encoder.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.parameters["precision_mode"] == "FP16"
 
 
 def test_an_fp16_encoder_far_from_fp32_is_refused(checkpoints, tmp_path, monkeypatch):
@@ -190,7 +233,7 @@ def test_the_command_line_reports_errors_without_a_traceback(checkpoints, tmp_pa
     (tmp_path / "occupied" / "file").write_text("x")
     assert main(["--model", str(checkpoints["standard"]), "--output", str(tmp_path / "occupied")]) == 2
     err = capsys.readouterr().err
-    assert "blip-export: error:" in err and "is not empty" in err and "Traceback" not in err
+    assert "blip-export: error:" in err and "holds files and no blip_export.json" in err and "Traceback" not in err
     assert main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -230,3 +273,66 @@ def test_the_torchvision_image_processor_is_refused_for_a_resampling_it_does_not
     assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="image processor 'opencv' is not supported; choose from pil, torchvision"):
         export_checkpoint(checkpoints["standard"], tmp_path / "out", ExportOptions(image_processor="opencv"))
+
+
+def test_exporting_the_same_checkpoint_again_keeps_the_repository(checkpoints, tmp_path, monkeypatch):
+    output = tmp_path / "repo"
+    first = export_checkpoint(checkpoints["standard"], output)
+    marker = output / "vision_encoder" / "1" / "model.onnx"
+    stamp = marker.stat().st_mtime_ns
+
+    def no_second_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export_module, "_export", no_second_export)
+    assert export_checkpoint(checkpoints["standard"], output) == first
+    assert marker.stat().st_mtime_ns == stamp
+    # The same content from another path is the same export.
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoints["standard"], copy)
+    assert export_checkpoint(copy, output) == first
+
+
+def test_exporting_another_checkpoint_replaces_the_repository_in_one_step(checkpoints, tmp_path, monkeypatch):
+    output = tmp_path / "repo"
+    first = export_checkpoint(checkpoints["standard"], output)
+    renames = []
+    real = export_module.replace_directory
+
+    def watched(new, target):
+        renames.append((new.name, target.name, sorted(p.name for p in target.iterdir())))
+        real(new, target)
+
+    monkeypatch.setattr(export_module, "replace_directory", watched)
+    second = export_checkpoint(checkpoints["unusual"], output)
+    # The old repository stood complete until the new one, complete, took its place; nothing is left beside it.
+    assert renames and renames[0][:2] == (".repo.partial", "repo") and MANIFEST in renames[0][2]
+    assert json.loads((output / MANIFEST).read_text()) == second
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert second["image_size"] == [224, 224]  # the unusual checkpoint's
+    # Other options are another export too.
+    third = export_checkpoint(checkpoints["unusual"], output, ExportOptions(precision="int8"))
+    assert third["precision"] == "int8" and third["export_fingerprint"] != second["export_fingerprint"]
+
+
+def test_a_directory_that_holds_something_else_is_never_replaced(checkpoints, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="holds files and no blip_export.json.*left alone"):
+        export_checkpoint(checkpoints["standard"], occupied)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+
+def test_an_unwritable_output_is_a_clear_error_not_a_traceback(checkpoints, tmp_path, capsys, monkeypatch):
+    """What a volume owned by another user gives (the container smoke test meets the real one)."""
+    def denied(checkpoint, output, options):
+        raise PermissionError(13, "Permission denied", str(Path(output).parent / ".repository.partial"))
+
+    monkeypatch.setattr(export_module, "export_checkpoint", denied)
+    assert main(["--model", str(checkpoints["standard"]), "--output", str(tmp_path / "repository")]) == 2
+    err = capsys.readouterr().err
+    assert "blip-export: error: cannot write" in err and "Permission denied" in err and f"uid {os.getuid()}" in err
+    assert "Traceback" not in err

@@ -91,6 +91,7 @@ def load_model(repositories, monkeypatch):
         model.turns, model.session = recorder, recorder
         return model, recorder
 
+    load.module = module
     return load
 
 
@@ -128,3 +129,71 @@ def test_a_malformed_request_fails_alone_and_the_others_are_encoded(repositories
         responses[1].error)
     for response, expected in zip([responses[0], responses[2]], _expected(repositories, requests)):
         np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
+
+
+class _FakeSession:
+    """An ONNX Runtime session that holds `held` providers, whatever it was asked for (as a failed CUDA provider
+    leaves it holding the CPU's alone)."""
+
+    def __init__(self, held):
+        self.held, self.fallback = held, True
+        self.asked = None
+
+    def get_providers(self):
+        return self.held
+
+    def disable_fallback(self):
+        self.fallback = False
+
+    def get_inputs(self):
+        return [types.SimpleNamespace(shape=["batch", 3, 384, 384])]
+
+
+@pytest.fixture
+def load_gpu_instance(repositories, load_model, monkeypatch):
+    """initialize() of a GPU instance (configs/gpu.pbtxt) with ONNX Runtime's providers stood in for."""
+    module = load_model.module
+
+    def load(available, held, precision="fp32"):
+        sessions = []
+
+        def session(path, options, providers):
+            sessions.append(_FakeSession(held))
+            sessions[-1].asked = providers
+            return sessions[-1]
+
+        monkeypatch.setattr(module.ort, "get_available_providers", lambda: available)
+        monkeypatch.setattr(module.ort, "InferenceSession", session)
+        directory = repositories["standard"] / "vision_encoder"
+        config = json_format.MessageToDict(parse_config(directory / "configs" / "gpu.pbtxt"),
+                                           preserving_proto_field_name=True)
+        config["parameters"]["precision"] = {"string_value": precision}
+        model = module.TritonPythonModel()
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(directory),
+                          "model_version": "1", "model_instance_kind": "GPU", "model_instance_device_id": "1"})
+        return model, sessions[0]
+
+    return load
+
+
+def test_a_gpu_instance_runs_on_the_cuda_provider_without_tf32_or_fallback(load_gpu_instance):
+    model, session = load_gpu_instance(["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                       ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session.asked[0] == ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0})
+    assert session.fallback is False
+
+
+def test_a_gpu_instance_refuses_an_onnxruntime_without_cuda(load_gpu_instance):
+    with pytest.raises(RuntimeError, match="needs ONNX Runtime's CUDA provider.*install onnxruntime-gpu"):
+        load_gpu_instance(["CPUExecutionProvider"], ["CPUExecutionProvider"])
+
+
+def test_a_gpu_instance_refuses_a_session_that_fell_back_to_the_cpu(load_gpu_instance):
+    with pytest.raises(RuntimeError, match="could not use the GPU .*holds CPUExecutionProvider.*refusing"):
+        load_gpu_instance(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"])
+
+
+def test_a_gpu_instance_of_an_int8_export_refuses_to_load(load_gpu_instance):
+    with pytest.raises(RuntimeError, match="--precision int8.*CPUs only"):
+        load_gpu_instance(["CUDAExecutionProvider", "CPUExecutionProvider"],
+                          ["CUDAExecutionProvider", "CPUExecutionProvider"], precision="int8")

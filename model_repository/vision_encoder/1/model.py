@@ -2,9 +2,12 @@
 
 This is the embedded target, whose Triton build has only the Python backend. In NVIDIA's container the same
 `model.onnx` is served by the native `onnxruntime` backend instead (`blip-export --target triton-container`).
-A GPU instance (`configs/gpu.pbtxt`) runs on ONNX Runtime's CUDA provider (onnxruntime-gpu); without it the model
-refuses to load rather than run on the CPU unnoticed. (TensorRT, with its minutes-long engine builds, is the
-container's: its native onnxruntime backend builds the engines during warm-up, before the model is ready.)
+A GPU instance (`configs/gpu.pbtxt`) runs on ONNX Runtime's CUDA provider (onnxruntime-gpu), without TF32; it
+refuses to load rather than run on the CPU unnoticed: when onnxruntime has no CUDA provider, when the session
+did not get it (ONNX Runtime falls back to the CPU when the provider cannot be created, e.g. without cuDNN), and
+for an int8 export (its quantised operators are the CPU's). ONNX Runtime's run-time fallback to the CPU is off.
+(TensorRT, with its minutes-long engine builds, is the container's: its native onnxruntime backend builds the
+engines during warm-up, before the model is ready.)
 
 Input (per item): PIXEL_VALUES FP32 [3, H, W]. Output (per item): IMAGE_EMBEDS FP32 [L, hidden].
 A batch's images go through session runs of `images_per_run` images each (the parameter; 0: the whole batch, at
@@ -31,14 +34,32 @@ def _error(message: str, code) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def _gpu_providers(device: int) -> list:
+_GPU_PROVIDER = "CUDAExecutionProvider"
+
+
+def _gpu_providers(device: int, precision: str) -> list:
+    if precision == "int8":
+        raise RuntimeError("vision_encoder: this repository was exported with --precision int8, whose quantised "
+                           "encoder runs on CPUs only; export fp32 or fp16 for GPUs")
     available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
+    if _GPU_PROVIDER not in available:
         raise RuntimeError(
             "vision_encoder: a GPU instance needs ONNX Runtime's CUDA provider, which this onnxruntime lacks "
             f"(it has {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime"
         )
-    return [("CUDAExecutionProvider", {"device_id": device})]
+    # use_tf32 0: float32 products stay float32 (fp32 must be exact; an fp16 model's products are fp16 anyway).
+    return [(_GPU_PROVIDER, {"device_id": device, "use_tf32": 0})]
+
+
+def check_gpu_session(session) -> None:
+    """Refuse a session that does not hold the CUDA provider (ONNX Runtime creates it on the CPU alone when the
+    provider fails to initialise), and switch off its fallback to the CPU when a run fails on the GPU."""
+    held = session.get_providers()
+    if _GPU_PROVIDER not in held:
+        raise RuntimeError(f"vision_encoder: ONNX Runtime could not use the GPU (the session holds "
+                           f"{', '.join(held)}; its log above says why, e.g. a missing CUDA or cuDNN library); "
+                           "refusing to run a GPU instance on the CPU")
+    session.disable_fallback()
 
 
 class TritonPythonModel:
@@ -54,10 +75,13 @@ class TritonPythonModel:
         providers = ["CPUExecutionProvider"]
         gpu = args.get("model_instance_kind") == "GPU"
         if gpu:
-            providers = _gpu_providers(int(args["model_instance_device_id"])) + providers
+            precision = config.get("parameters", {}).get("precision", {}).get("string_value", "fp32")
+            providers = _gpu_providers(int(args["model_instance_device_id"]), precision) + providers
         # On the CPU a run takes its turn on the cores with the decoder's steps (cpu_turns.py).
         self.turns = CpuTurns(enabled=not gpu and _parameter(config, "cpu_turns", 1) != 0)
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
+        if gpu:
+            check_gpu_session(self.session)
         # After each run, the CPU arena gives back what the run added to it. Without this it keeps the peak of the
         # largest batch it ever ran (measured on BLIP-large: +400 MB after one batch of 4, and a soak's memory
         # stepping up with each new largest batch); with it, no slower (BLIP-large alone: 2.8 s per image at
