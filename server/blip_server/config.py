@@ -82,11 +82,13 @@ class ServeConfig(GatewayOptions):
 
     model: Path | None = option(None, "HF checkpoint directory or exported model repository; unset: the demo "
                                       "checkpoint")
-    precision: str = option("fp32", "precision to export a checkpoint at: fp32 (exact), int8 (faster on CPUs), "
-                                    "fp16 (GPUs; needs --device cuda)", choices=PRECISIONS)
-    image_processor: str = option("pil", "which transformers BlipImageProcessor a checkpoint's pixels equal: "
-                                         "pil (transformers without torchvision installed, as in a plain "
-                                         "install) or torchvision (with it)", choices=IMAGE_PROCESSORS)
+    precision: str = option("", "precision to export a checkpoint at: fp32 (exact; the default), int8 (faster "
+                                "on CPUs), fp16 (GPUs; needs --device cuda). For an exported repository: must "
+                                "be what it was exported with, if given", choices=PRECISIONS)
+    image_processor: str = option("", "which transformers BlipImageProcessor a checkpoint's pixels equal: pil "
+                                      "(transformers without torchvision installed, as in a plain install; the "
+                                      "default) or torchvision (with it). For an exported repository: must be what "
+                                      "it was exported with, if given", choices=IMAGE_PROCESSORS)
     device: str = option("cpu", "where the encoder and decoder run: cpu, or cuda (an NVIDIA GPU, with "
                                 "onnxruntime-gpu and a CUDA build of torch installed)", choices=DEVICES)
     triton_host: str = option("127.0.0.1", "address Triton binds to (the gateway reaches it on loopback)")

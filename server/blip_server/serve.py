@@ -43,7 +43,7 @@ async def serve(config: ServeConfig, repository: Path) -> int:
     manifest = read_manifest(repository)
     # What was asked for: a cached export is shared by every checkpoint with the same content, so its manifest
     # may name another copy's path.
-    served = (f"{config.model or demo_checkpoint()} ({manifest.get('precision', config.precision)}, "
+    served = (f"{config.model or demo_checkpoint()} ({manifest.get('precision', 'fp32')}, "
               f"{manifest.get('image_processor', 'pil')} image processor, {repository})")
     endpoint = f"{connect_host(config.triton_host)}:{config.triton_grpc_port}"
     gateway = await start_gateway(config, (endpoint,))
@@ -106,6 +106,28 @@ async def serve(config: ServeConfig, repository: Path) -> int:
             loop.remove_signal_handler(signum)
 
 
+def check_device(precision: str, device: str, what: str) -> None:
+    """Refuse a precision the device cannot run, rather than serve something else than asked."""
+    if precision == "fp16" and device != "cuda":
+        raise ValueError(f"{what} fp16 is for GPUs: give --device cuda too (on CPUs, serve fp32)")
+    if precision == "int8" and device == "cuda":
+        raise ValueError(f"{what} int8 runs on CPUs only (ONNX Runtime's and torch's int8 kernels): on a GPU, serve "
+                         "fp32 (exact) or fp16")
+
+
+def check_repository(config: ServeConfig, repository: Path) -> None:
+    """An exported repository is served as it was exported: a flag that asks for something else is an error."""
+    manifest = read_manifest(repository)
+    exported = {"precision": manifest.get("precision", "fp32"), "image_processor": manifest.get("image_processor", "pil")}
+    for name, value in exported.items():
+        asked = getattr(config, name)
+        if asked and asked != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{repository} was exported with {flag} {value}; {flag} {asked} cannot change that: "
+                             f"export the checkpoint again with {flag} {asked}, or leave {flag} out")
+    check_device(exported["precision"], config.device, f"{repository} was exported with --precision")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -116,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_command_line(ServeConfig, argv, prog="blip-serve",
                                     description="Serve BLIP image captioning on Triton.")
-        if config.precision == "fp16" and config.device != "cuda":
-            raise ValueError("--precision fp16 is for GPUs: give --device cuda too (on CPUs, serve fp32)")
+        check_device(config.precision or "fp32", config.device, "--precision")
     except ValueError as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # during the export: stop, leaving no partial export behind
     try:
-        options = ExportOptions(precision=config.precision, image_processor=config.image_processor)
+        options = ExportOptions(precision=config.precision or "fp32", image_processor=config.image_processor or "pil")
         repository = resolve_repository(config.model, config.cache_dir, options, export=export_in_child)
+        check_repository(config, repository)
         return asyncio.run(serve(config, repository))
     except (BlipServerError, OSError, ValueError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)

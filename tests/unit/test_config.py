@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from blip_server.config import GatewayConfig, ServeConfig, from_env, parse_command_line
 from blip_server.gateway.command import main as gateway_main
+from blip_server.repository import MANIFEST
 from blip_server.serve import main as serve_main
 
 
@@ -60,3 +63,30 @@ def test_blip_gateway_refuses_what_it_cannot_serve(argv, message, capsys):
 def test_fp16_serving_needs_a_gpu(capsys):
     assert serve_main(["--precision", "fp16"]) == 2
     assert "--precision fp16 is for GPUs: give --device cuda too" in capsys.readouterr().err
+
+
+def test_int8_serving_is_refused_on_a_gpu(capsys):
+    assert serve_main(["--precision", "int8", "--device", "cuda"]) == 2
+    assert "--precision int8 runs on CPUs only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "int8"], "was exported with --precision fp32; --precision int8 cannot change that"),
+    (["--image-processor", "torchvision"],
+     "was exported with --image-processor pil; --image-processor torchvision cannot change that"),
+    (["--device", "cuda", "--precision", "fp16"], "was exported with --precision fp32; --precision fp16"),
+])
+def test_an_exported_repository_is_not_served_otherwise_than_it_was_exported(repositories, argv, message, capsys):
+    """Flags that would change an export cannot change an exported repository: refused, not silently ignored."""
+    assert serve_main(["--model", str(repositories["standard"]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_int8_repository_is_refused_on_a_gpu(repositories, tmp_path, capsys):
+    int8 = tmp_path / "int8"
+    shutil.copytree(repositories["standard"], int8)
+    manifest = json.loads((int8 / MANIFEST).read_text())
+    (int8 / MANIFEST).write_text(json.dumps({**manifest, "precision": "int8"}))
+    assert serve_main(["--model", str(int8), "--device", "cuda"]) == 2
+    assert "was exported with --precision int8 runs on CPUs only" in capsys.readouterr().err
