@@ -118,12 +118,26 @@ def _convert_to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def resize(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
+    """`image.resize(size, resample)` as Pillow 13 computes it, whatever the Pillow (parity is measured on 13.0;
+    NVIDIA's Triton image runs Python 3.10, whose last Pillow is 12.3).
+
+    Pillow resizes in two passes, each rounding to 8 bits. Up to 12.x the horizontal pass always ran first; 13.0
+    runs the vertical one first when the height shrinks by more than twice what the width does (Resample.c,
+    `horizontal_first`), which changes up to a quarter of the pixels of a tall image by a few levels. Here that
+    case is two one-axis resizes in 13.0's order: each is the same single pass in both releases (tested)."""
+    width, height = image.size
+    if height - size[1] > 0 and height - size[1] > (width - size[0]) * 2:
+        image = image.resize((width, size[1]), resample=resample, reducing_gap=None)
+    return image.resize(size, resample=resample, reducing_gap=None)
+
+
 def pixel_values(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
     """An RGB image -> float32 [3, height, width], as BlipImageProcessor (PIL backend) computes it."""
     if config.do_convert_rgb:
         image = _convert_to_rgb(image)
     if config.do_resize:
-        image = image.resize((config.width, config.height), resample=config.resample, reducing_gap=None)
+        image = resize(image, (config.width, config.height), config.resample)
     array = np.asarray(image)
     if config.do_rescale:
         array = (array.astype(np.float64) * config.rescale_factor).astype(np.float32)
