@@ -251,15 +251,12 @@ def _save_decoder_weights(text_decoder, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def _export_vision_encoder(vision_model, path: Path, height: int, width: int, options: ExportOptions,
-                           image_processor) -> float | None:
-    """model.onnx at `path`, in the options' precision; returns the cosine similarity of a lower precision's
-    outputs to PyTorch's fp32 ones (None for fp32, whose largest difference is checked instead)."""
-    import numpy as np
-    import onnxruntime
+def export_vision_encoder_onnx(vision_model, path: Path, height: int, width: int, opset: int = 17):
+    """A BlipVisionModel (float32, on the CPU) as the fp32 ONNX graph every export starts from: PIXEL_VALUES
+    [batch, 3, height, width] -> IMAGE_EMBEDS [batch, tokens, hidden], the batch axis dynamic. Not verified here
+    (`blip-export` checks it against PyTorch afterwards); `quantize.to_fp16` turns it into the fp16 encoder.
+    Returns the exported module (pixel_values -> last_hidden_state)."""
     import torch
-
-    from blip_server.quantize import calibration_pixels, encoder_cosine, quantize_int8, to_fp16
 
     class VisionEncoder(torch.nn.Module):
         def __init__(self, vision):
@@ -270,20 +267,40 @@ def _export_vision_encoder(vision_model, path: Path, height: int, width: int, op
             return self.vision(pixel_values=pixel_values).last_hidden_state
 
     wrapper = VisionEncoder(vision_model).eval()
-    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     # The TorchScript-based exporter: deterministic, no extra dependency, fine for a ViT (torch is pinned).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             wrapper,
-            (example,),
+            (_example_pixels(height, width),),
             str(path),
             input_names=["PIXEL_VALUES"],
             output_names=["IMAGE_EMBEDS"],
             dynamic_axes={"PIXEL_VALUES": {0: "batch"}, "IMAGE_EMBEDS": {0: "batch"}},
-            opset_version=options.opset,
+            opset_version=opset,
             dynamo=False,
         )
+    return wrapper
+
+
+def _example_pixels(height: int, width: int):
+    import torch
+
+    return torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def _export_vision_encoder(vision_model, path: Path, height: int, width: int, options: ExportOptions,
+                           image_processor) -> float | None:
+    """model.onnx at `path`, in the options' precision; returns the cosine similarity of a lower precision's
+    outputs to PyTorch's fp32 ones (None for fp32, whose largest difference is checked instead)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from blip_server.quantize import calibration_pixels, encoder_cosine, quantize_int8, to_fp16
+
+    wrapper = export_vision_encoder_onnx(vision_model, path, height, width, options.opset)
+    example = _example_pixels(height, width)
     if options.precision != "fp32":  # checked on images like those it will see, apart from calibration's
         example = torch.from_numpy(calibration_pixels(image_processor, 4, seed=1))
     with torch.inference_mode():
