@@ -400,9 +400,11 @@ class BlipTextDecoder:
         x = self._layer_norm(F.embedding(tokens, self.word_embeddings) + F.embedding(positions, self.position_embeddings),
                              self.embedding_ln)
         minimum = torch.finfo(self.dtype).min
-        mask = torch.full((width, width), minimum, device=self.device, dtype=self.dtype).triu(1)[None, None]
+        causal = torch.full((width, width), minimum, device=self.device, dtype=self.dtype).triu(1)[None, None]
         padding = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
-        mask = (mask + padding[:, None, None, :] * minimum).clamp_(min=minimum)
+        # In the decoder's dtype: the mask meets the scores, and a float32 mask would promote fp16 scores to
+        # float32 (`bool * float` is float32), whose probabilities then meet the fp16 values.
+        mask = causal.masked_fill(padding[:, None, None, :], minimum)
         rows = slots * cache.width
 
         def write(i, k, v):
