@@ -35,6 +35,77 @@ _ACTIVATIONS = {
 }
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a decoder instance runs and in what arithmetic: its torch device, its dtype, and whether its linear
+    layers are int8 (see `Int8Linear`)."""
+
+    device: str
+    dtype: torch.dtype
+    int8: bool
+
+
+def placement(instance_kind: str | None, device_id: int | str | None = None, dtype: str | None = None,
+              quantization: str | None = None, precision: str | None = None,
+              cuda_available: bool | None = None) -> Placement:
+    """The placement of a decoder instance from what Triton and the model's config say: the instance's kind and
+    device id (`model_instance_kind`, `model_instance_device_id`), and the config's `dtype`, `quantization` and
+    `precision` parameters. `cuda_available`: whether torch sees a GPU (asked of torch when None and needed).
+
+    Raises ValueError, with what to do instead, for what cannot run as configured: a GPU instance of an int8
+    repository (int8 decoding is the CPU's, and a GPU instance would otherwise decode in another precision than
+    the repository says it serves; said first, since it is the repository's fault whatever the machine); a GPU
+    instance without CUDA; a dtype other than float32 and float16; float16 on the CPU.
+    """
+    device = "cpu"
+    if instance_kind == "GPU":
+        if quantization == "int8" or precision == "int8":
+            raise ValueError("this repository's decoder is int8 (quantization: int8), and int8 decoding runs on the "
+                             "CPU only; export the checkpoint with --precision fp16 or fp32 to serve it on GPUs, or "
+                             "serve this repository with CPU instances")
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            raise ValueError(f"a GPU instance needs a CUDA build of torch and a visible GPU; torch {torch.__version__} "
+                             "sees none")
+        device = f"cuda:{int(device_id or 0)}"
+    name = dtype or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    if DTYPES[name] is torch.float16 and device == "cpu":
+        raise ValueError("dtype float16 runs on GPUs only; a CPU instance decodes in float32 (or int8)")
+    return Placement(device, DTYPES[name], quantization == "int8")
+
+
+def _has_fp32_precision_api() -> bool:
+    """torch 2.9 and later: `torch.backends.*.fp32_precision` (the allow_tf32 flags are deprecated there, and
+    reading one after the new API set the flags raises); torch 2.7 (NVIDIA's containers) has only the old flags."""
+    return hasattr(torch.backends, "fp32_precision")
+
+
+def exact_float32(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """On a CUDA device in float32, switch TF32 off for matmuls and cuDNN, so that float32 is float32: TF32 rounds
+    every matmul's inputs to 10 bits of mantissa, and captions would then differ from transformers' float32 ones
+    on near-ties. torch's defaults leave cuDNN's TF32 on and cuBLAS's off, but any library loaded into the process
+    may turn them on. The settings are the process's (each Triton model instance is a process of its own).
+    Returns whether anything was set (nothing for the CPU or float16)."""
+    if torch.device(device).type != "cuda" or dtype != torch.float32:
+        return False
+    if _has_fp32_precision_api():
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    return True
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     """What the decoder needs from the checkpoint's `text_config`, token ids included."""

@@ -30,13 +30,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from blip_text_decoder import BlipTextDecoder
+from blip_text_decoder import BlipTextDecoder, exact_float32, placement
 from caption_generation import DecodeLoop
 from caption_text import CaptionDecoder
 from cpu_turns import CpuTurns, available_cores
 from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # A request that Triton has not handed back for this long is dropped from the loop (it cannot be answered).
 _ABANDONED_AFTER = 300.0
 
@@ -90,17 +89,15 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"]
         torch.set_num_threads(int(params.get("threads") or 0) or available_cores())
-        device = "cpu"
-        if args.get("model_instance_kind") == "GPU":
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"text_decoder: a GPU instance needs a CUDA build of torch and a visible GPU; "
-                                   f"torch {torch.__version__} sees none")
-            device = f"cuda:{args['model_instance_device_id']}"
-        dtype = _DTYPES.get(params.get("dtype") or "float32")
-        if dtype is None or (dtype is torch.float16 and device == "cpu"):
-            raise RuntimeError(f"text_decoder: dtype {params.get('dtype')!r} is not float32, or float16 on a GPU")
-        int8 = params.get("quantization") == "int8" and device == "cpu"  # int8 kernels are the CPU's
-        self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=dtype, int8=int8)
+        try:
+            where = placement(args.get("model_instance_kind"), args.get("model_instance_device_id"),
+                              params.get("dtype"), params.get("quantization"), params.get("precision"))
+        except ValueError as exc:
+            raise RuntimeError(f"text_decoder: {exc}") from None
+        device = where.device
+        if exact_float32(where.device, where.dtype):  # float32 on a GPU: no TF32, captions as transformers' fp32
+            pb_utils.Logger.log_info(f"text_decoder: float32 on {device}, TF32 off")
+        self.decoder = BlipTextDecoder.from_directory(directory, device=device, dtype=where.dtype, int8=where.int8)
         # On the CPU a step takes its turn on the cores with the encoder's runs (cpu_turns.py).
         self.turns = CpuTurns(enabled=device == "cpu" and params.get("cpu_turns", "1") != "0")
         decoding = json.loads((directory / "decoding.json").read_text())
