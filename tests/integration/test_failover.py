@@ -1,8 +1,11 @@
 """One blip-gateway over two real Triton replicas: a replica killed under load loses no call, and gets traffic
-again once it is back (its own statistics show it serving); the gateway's metrics say which replicas are up."""
+again once it is back (its own statistics show it serving); a replica that leaves the DNS answer under load is
+drained (its calls in flight finish, it gets no new one, its channel closes); the gateway's metrics say which
+replicas are up."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,7 +15,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from blip_client import CaptionClient, GenerationOptions
+from blip_server.gateway.captioner import Captioner, GatewayLimits
+from blip_server.gateway.replicas import ReplicaPool
 from support import images, reference
+from support.gateway import BackgroundGateway
 from support.serve import GatewayProcess
 
 KINDS = images.kinds(seed=61)
@@ -125,3 +131,81 @@ def test_blip_serve_reports_metrics_of_calls_and_its_replica(service):
     assert delta("blip_gateway_request_duration_seconds_count", method="Caption") == 2
     assert after[("blip_gateway_triton_replica_up", (("endpoint", f"127.0.0.1:{service.ports['grpc']}"),))] == 1
     assert after[("blip_gateway_in_flight_requests", ())] == 0
+
+
+def test_a_replica_that_leaves_the_dns_answer_under_load_is_drained(repositories, checkpoints, start_triton, caplog):
+    """The gateway runs in process so that the test decides what its dns:/// name resolves to (the pool's resolver;
+    in production, getaddrinfo). The first replica leaves the answer while calls are in flight on it: no call
+    fails, those calls complete on it, it gets no new call, and its channel is closed once they are done."""
+    repository = repositories["standard"]
+    options = {"environment": {"OMP_WAIT_POLICY": "PASSIVE"}}  # see the test above
+    first, second = start_triton(repository, **options), start_triton(repository, **options)
+    endpoints = [f"127.0.0.1:{t.options.grpc_port}" for t in (first, second)]
+    expected = {kind: reference.caption(str(checkpoints["standard"]), KINDS[kind], num_beams=2)[0][0] for kind in USED}
+
+    answer = list(endpoints)
+    leave = threading.Event()  # set: the first replica leaves the answer at a resolution that finds calls on it
+    removal = {}  # the first replica as it left: the Replica, its calls in flight and its calls answered then
+
+    async def resolver(host, port):
+        assert (host, port) == ("blip-triton", 8001)
+        first_replica = pool.replicas.get(endpoints[0])
+        if leave.is_set() and first_replica is not None and first_replica.in_flight > 0:
+            answer.remove(endpoints[0])
+        return list(answer)
+
+    def gone(endpoint):  # called as the drain starts, in the same step of the event loop
+        replica = pool.draining[endpoint]
+        removal.update(replica=replica, in_flight=replica.in_flight, served=replica.served)
+        metrics.forget_replica(endpoint)
+
+    pool = ReplicaPool(("dns:///blip-triton:8001",), health_timeout=1, dns_refresh=0.1, drain_grace=60,
+                       resolver=resolver, on_replica_gone=gone)
+    gateway = BackgroundGateway(Captioner(pool, GatewayLimits()))
+    metrics = gateway.gateway.metrics
+    pool.on_replica_up = metrics.set_replica
+
+    async def follow():
+        return asyncio.create_task(gateway.gateway.follow_triton(0.1))
+
+    health = gateway.call(follow())
+    load = None
+    try:
+        with caplog.at_level("INFO", logger="blip-serve.gateway"):
+            _wait_for(lambda: all(e in pool.replicas and pool.replicas[e].up for e in endpoints), 30,
+                      "both replicas are up")
+            # The model's description is read once (through a replica, counted in `served`), before the load, so
+            # that from here on the replica's `served` counts captions only, as Triton's statistics do.
+            gateway.call(gateway.gateway.captioner.describe())
+            served_before = pool.replicas[endpoints[0]].served
+            assert _served(first) == 0
+            load = Load(gateway.address)
+            _wait_for(lambda: load.count() >= 20 and min(_served(first), _served(second)) > 0, 60,
+                      "both replicas served calls")
+            leave.set()
+            _wait_for(lambda: removal, 30, "the first replica left the answer with calls in flight")
+            replica = removal["replica"]
+            _wait_for(lambda: replica.closed, 60, "the drained replica's channel is closed")
+            closed_at, served_by_triton = load.count(), _served(first)
+            _wait_for(lambda: load.count() >= closed_at + 20, 60, "calls went on")
+            assert _served(first) == served_by_triton  # no call after the drain
+            with pytest.raises(Exception, match="Channel is closed"):
+                gateway.call(replica.client.is_model_ready("blip_caption"))
+    finally:
+        if load is not None:
+            load.stop()
+        health.cancel()
+        gateway.stop()
+    failures = [(kind, outcome) for kind, outcome in load.outcomes if isinstance(outcome, Exception)]
+    assert not failures, failures[:5]
+    wrong = [(kind, text) for kind, text in load.outcomes if text != expected[kind]]
+    assert not wrong, wrong[:5]
+    # The calls in flight at the removal were answered by it, and it got nothing more: Triton counted exactly them.
+    assert removal["in_flight"] >= 1
+    assert replica.served == removal["served"] + removal["in_flight"]
+    assert _served(first) == replica.served - served_before
+    assert endpoints[0] not in pool.replicas and pool.draining == {}
+    assert metrics.registry.get_sample_value("blip_gateway_triton_replica_up", {"endpoint": endpoints[0]}) is None
+    assert f"Triton replica {endpoints[0]} removed (no longer resolved): draining its" in caplog.text
+    assert f"Triton replica {endpoints[0]} drained: its calls ended; channel closed" in caplog.text
+    assert "cancels its" not in caplog.text

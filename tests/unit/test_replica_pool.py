@@ -12,7 +12,9 @@ from blip_server.gateway.replicas import NoReplica, Replica, ReplicaPool, parse_
 
 
 class ScriptedTriton:
-    """Answers is_model_ready with `ready`; infer with the next scripted outcome (an exception or a value)."""
+    """Answers is_model_ready with `ready`; infer with the next scripted outcome (an exception or a value; HOLD:
+    wait until `release()`, then answer its name). `close()` cancels the calls it holds, as closing a gRPC
+    channel does (the awaiting call raises CancelledError; its task is not being cancelled)."""
 
     def __init__(self, name: str, outcomes=(), ready: bool = True):
         self.name = name
@@ -20,6 +22,7 @@ class ScriptedTriton:
         self.ready = ready
         self.calls = 0
         self.closed = False
+        self.held: list[asyncio.Future] = []
 
     async def is_model_ready(self, model):
         if isinstance(self.ready, BaseException):
@@ -31,12 +34,27 @@ class ScriptedTriton:
     async def infer(self):
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else self.name
+        if outcome is HOLD:
+            held = asyncio.get_running_loop().create_future()
+            self.held.append(held)
+            await held
+            return self.name
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
+    def release(self):
+        for held in self.held:
+            if not held.done():
+                held.set_result(None)
+
     async def close(self):
         self.closed = True
+        for held in self.held:
+            held.cancel()
+
+
+HOLD = object()
 
 
 def unavailable():
@@ -183,3 +201,211 @@ def test_a_name_that_fails_to_resolve_keeps_its_replicas(monkeypatch):
         return kept
 
     assert asyncio.run(scenario()) == ["10.0.0.1:8001"]
+
+
+# -- draining: replicas that leave the resolver's answer ------------------------------------------------------
+
+
+def dns_pool(answer: list[str], *clients: ScriptedTriton, **kwargs) -> ReplicaPool:
+    """A pool over dns:///blip-triton:8001, which resolves to the names in `answer` (a list the test changes),
+    with `clients` as the replicas it resolved to so far, all up."""
+
+    async def resolver(host, port):
+        assert (host, port) == ("blip-triton", 8001)
+        return [f"{name}:{port}" for name in answer]
+
+    pool = ReplicaPool(("dns:///blip-triton:8001",), dns_refresh=0, resolver=resolver, **kwargs)
+    for client in clients:
+        pool.replicas[f"{client.name}:8001"] = Replica(f"{client.name}:8001", client, "blip-triton", up=True)
+    return pool
+
+
+async def until(condition, what: str, timeout: float = 5.0) -> None:
+    async def wait():
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(wait(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"timed out waiting until {what}") from None
+
+
+def test_a_replica_that_leaves_the_answer_takes_no_new_call_and_its_calls_in_flight_finish():
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    seen, gone = [], []
+    pool = dns_pool(answer, a, b, on_replica_up=lambda endpoint, up: seen.append((endpoint, up)),
+                    on_replica_gone=gone.append)
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the first call")
+        replica = pool.replicas["a:8001"]
+        answer.remove("a")
+        await asyncio.wait_for(pool.refresh(), 1)  # the drain does not hold up the health loop
+        assert replica.draining and pool.draining == {"a:8001": replica} and "a:8001" not in pool.replicas
+        assert gone == ["a:8001"]  # the metric series goes at once, and is not reported again
+        seen.clear()
+        assert [await pool.call(lambda client: client.infer()) for _ in range(3)] == ["b", "b", "b"]
+        assert not a.closed and not held.done()  # the call in flight goes on
+        a.release()
+        assert await held == "a"
+        await until(lambda: a.closed, "the drained replica's channel is closed")
+        assert replica.closed and pool.draining == {} and replica.served == 1
+        await pool.close()
+
+    asyncio.run(scenario())
+    assert a.calls == 1 and b.calls == 3
+    assert [endpoint for endpoint, up in seen if endpoint == "a:8001"] == []
+
+
+def test_a_call_failing_unavailable_on_a_draining_replica_is_retried_without_reporting_the_replica_again():
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    seen = []
+    pool = dns_pool(answer, a, b, on_replica_up=lambda endpoint, up: seen.append((endpoint, up)))
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the call")
+        answer.remove("a")
+        await pool.refresh()
+        seen.clear()
+        a.held[0].set_exception(unavailable())  # e.g. its Triton stopped before answering
+        assert await held == "b"
+        await until(lambda: a.closed, "the drained replica is closed")
+        await pool.close()
+
+    asyncio.run(scenario())
+    assert seen == []
+
+
+def test_a_draining_replica_resolved_again_is_back_in_service_on_the_same_channel():
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    seen = []
+    pool = dns_pool(answer, a, b, drain_grace=0.5, on_replica_up=lambda endpoint, up: seen.append((endpoint, up)))
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the first call")
+        replica = pool.replicas["a:8001"]
+        answer.remove("a")
+        await pool.refresh()
+        assert replica.draining
+        answer.append("a")
+        seen.clear()
+        await pool.refresh()
+        assert pool.replicas["a:8001"] is replica and not replica.draining and pool.draining == {}
+        assert replica.up and ("a:8001", True) in seen  # checked and reported again
+        await asyncio.sleep(0.7)  # past the drain grace it would have had
+        assert not a.closed and not held.done()
+        a.release()
+        assert await held == "a"
+        assert sorted([await pool.call(lambda client: client.infer()) for _ in range(2)]) == ["a", "b"]  # new calls
+        assert not a.closed
+        await pool.close()
+        assert a.closed
+
+    asyncio.run(scenario())
+
+
+def test_after_the_grace_a_draining_replica_is_closed_its_calls_cancelled_and_retried_elsewhere(caplog):
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    pool = dns_pool(answer, a, b, drain_grace=0.05)
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the first call")
+        answer.remove("a")
+        await pool.refresh()
+        answer_of_held = await asyncio.wait_for(held, 5)  # never released: cancelled by the close, then retried
+        await pool.close()
+        return answer_of_held
+
+    with caplog.at_level("INFO", logger="blip-serve.gateway"):
+        assert asyncio.run(scenario()) == "b"
+    assert a.closed and (a.calls, b.calls) == (1, 1)
+    assert "drain grace of 0.05 s is over; closing its channel cancels its 1 calls still in flight" in caplog.text
+
+
+def test_a_call_cancelled_by_the_end_of_a_drain_with_no_other_replica_is_unavailable():
+    a = ScriptedTriton("a", [HOLD])
+    answer = ["a"]
+    pool = dns_pool(answer, a, drain_grace=0.05)
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the call")
+        answer.clear()
+        await pool.refresh()
+        try:
+            await asyncio.wait_for(held, 5)
+        finally:
+            await pool.close()
+
+    with pytest.raises(InferenceServerException, match="was closed during the call") as error:
+        asyncio.run(scenario())
+    assert error.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_a_caller_cancelling_its_call_on_a_draining_replica_stays_cancelled():
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    pool = dns_pool(answer, a, b)
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the call")
+        replica = pool.replicas["a:8001"]
+        answer.remove("a")
+        await pool.refresh()
+        held.cancel()  # the gateway's own caller went away: no retry
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await until(lambda: a.closed, "the drained replica is closed once its last call ended")
+        assert replica.in_flight == 0 and b.calls == 0
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_pool_ends_drains_and_closes_every_channel():
+    a, b = ScriptedTriton("a", [HOLD]), ScriptedTriton("b")
+    answer = ["a", "b"]
+    pool = dns_pool(answer, a, b)  # a grace of 60 s: closing must not wait for it
+
+    async def scenario():
+        held = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: a.held, "a holds the call")
+        answer.remove("a")
+        await pool.refresh()
+        await asyncio.wait_for(pool.close(), 5)
+        assert a.closed and b.closed and pool.replicas == {} and pool.draining == {} and not pool._drains
+        with pytest.raises(InferenceServerException, match="was closed during the call"):
+            await asyncio.wait_for(held, 5)
+
+    asyncio.run(scenario())
+
+
+def test_suspended_replicas_stay_out_until_resumed_and_draining_does_not_change_that():
+    a, b = ScriptedTriton("a"), ScriptedTriton("b")
+    answer = ["a", "b"]
+    pool = dns_pool(answer, a, b)
+
+    async def scenario():
+        pool.suspend("a:8001", "restarting")
+        await pool.refresh()
+        assert [await pool.call(lambda client: client.infer()) for _ in range(2)] == ["b", "b"]
+        pool.resume("a:8001")
+        await pool.refresh()
+        assert pool.replicas["a:8001"].up
+        answer.remove("b")
+        await pool.refresh()
+        pool.suspend("b:8001", "ignored: draining")  # not a member any more: nothing happens
+        assert [await pool.call(lambda client: client.infer()) for _ in range(2)] == ["a", "a"]
+        await pool.close()
+
+    asyncio.run(scenario())

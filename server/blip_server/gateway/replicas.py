@@ -2,12 +2,16 @@
 
 Endpoints are `HOST:PORT`, or `dns:///NAME:PORT` for every address NAME resolves to (a Kubernetes headless
 Service, a Compose service scaled to N); names are resolved again every `dns_refresh` seconds, so replicas that
-come and go are picked up. Every replica's readiness (the `blip_caption` ensemble ready) is checked every
-`health_interval` seconds with a timeout: a dead or hung replica is out within seconds, and back once it answers
-ready. A call that fails with UNAVAILABLE before any result (or whose replica lost a Python-backend stub) takes
-its replica out at once and is tried once more on another replica that is up (captions are idempotent). A
-replica can also be suspended (blip-serve does while it restarts its Triton): it stays out until resumed. Calls go to the up replica with the fewest calls in
-flight, ties taken in turn.
+come and go are picked up. A replica that leaves the answer (a scale-down, a rollout, a pod that fails readiness)
+is drained: it takes no new call at once, its calls in flight may go on for up to `drain_grace` seconds, and its
+channel is closed as soon as they have ended, or at the end of the grace (cancelling what is still in flight; such
+a call is retried once elsewhere, as below). Resolved again while draining, it is back in service on the same
+channel. Every replica's readiness (the `blip_caption` ensemble ready) is checked every `health_interval` seconds
+with a timeout: a dead or hung replica is out within seconds, and back once it answers ready. A call that fails
+with UNAVAILABLE before any result (or whose replica lost a Python-backend stub) takes its replica out at once and
+is tried once more on another replica that is up (captions are idempotent). A replica can also be suspended
+(blip-serve does while it restarts its Triton): it stays out until resumed. Calls go to the up replica with the
+fewest calls in flight, ties taken in turn.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -56,6 +60,15 @@ class Replica:
     suspended: bool = False
     in_flight: int = 0
     served: int = 0  # calls answered; for logs and tests
+    draining: bool = False  # left the resolver's answer: takes no new call; closed once idle or after the grace
+    closed: bool = False  # its channel is closed (by a drain or the pool's close)
+    _drain: asyncio.Task | None = field(default=None, init=False, repr=False)  # the drain in progress, if any
+    _idle: asyncio.Event | None = field(default=None, init=False, repr=False)  # set when a draining one is idle
+
+    def call_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     async def check(self, timeout: float) -> bool:
         try:
@@ -79,36 +92,61 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def resolve(host: str, port: int) -> list[str]:
+    """The endpoints (`ADDRESS:PORT`) that `host` resolves to now; OSError when it does not resolve."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [_join(address, port) for address in sorted({info[4][0] for info in infos})]
+
+
+def _task_cancelled() -> bool:
+    """Whether the running task is being cancelled (Python 3.11+; on 3.10, always assumed)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 @dataclass
 class ReplicaPool:
-    """The replicas of `targets`. Call `refresh()` (or run `watch()`) to learn which are up."""
+    """The replicas of `targets`. Call `refresh()` (or run `watch()`) to learn which are up.
+
+    `on_replica_up(endpoint, up)` follows every health check of a replica in service; `on_replica_gone(endpoint)`
+    is called when a replica leaves the resolver's answer, as its drain starts (a draining replica is no longer a
+    member: it takes no call, so it is neither up nor down; if it is resolved again, `on_replica_up` reports it
+    again). `resolver(host, port)` gives the endpoints a dns:/// name stands for (default: getaddrinfo; tests
+    replace it).
+    """
 
     targets: tuple[str, ...]
     health_timeout: float = 2.0
     dns_refresh: float = 5.0
+    drain_grace: float = 60.0
     on_replica_up: Callable[[str, bool], None] = lambda endpoint, up: None
     on_replica_gone: Callable[[str], None] = lambda endpoint: None
+    resolver: Callable[[str, int], Awaitable[Iterable[str]]] = resolve
     replicas: dict[str, Replica] = field(default_factory=dict)
+    draining: dict[str, Replica] = field(default_factory=dict)  # left the answer, calls still in flight
 
     def __post_init__(self):
         if not self.targets:
             raise ValueError("at least one Triton endpoint is needed")
+        if self.drain_grace < 0:
+            raise ValueError("the drain grace cannot be negative")
         self._parsed = [parse_endpoint(t) for t in self.targets]
         self._turn = itertools.count()
         self._resolved_at: float | None = None
+        self._drains: set[asyncio.Task] = set()  # every drain task not finished yet (closing ones included)
 
     # -- membership ------------------------------------------------------------------------------------------
 
     async def _endpoints(self) -> dict[str, str]:
         """Every endpoint wanted now -> the DNS name it comes from ("" for a literal HOST:PORT)."""
-        loop = asyncio.get_running_loop()
         endpoints: dict[str, str] = {}
-        for host, port, resolve in self._parsed:
-            if not resolve:
+        for host, port, resolved in self._parsed:
+            if not resolved:
                 endpoints.setdefault(_join(host, port), "")
                 continue
             try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                answer = list(await self.resolver(host, port))
             except OSError as exc:
                 log.warning("cannot resolve %s: %s", host, exc)
                 # Keep what the name resolved to before: a DNS hiccup is no reason to drop replicas.
@@ -116,8 +154,8 @@ class ReplicaPool:
                     if replica.name == host:
                         endpoints.setdefault(endpoint, host)
                 continue
-            for address in sorted({info[4][0] for info in infos}):
-                endpoints.setdefault(_join(address, port), host)
+            for endpoint in answer:
+                endpoints.setdefault(endpoint, host)
         return endpoints
 
     async def _update_members(self) -> None:
@@ -127,15 +165,68 @@ class ReplicaPool:
         self._resolved_at = loop.time()
         wanted = await self._endpoints()
         for endpoint, name in wanted.items():
-            if endpoint not in self.replicas:
+            if endpoint in self.replicas:
+                continue
+            replica = self.draining.pop(endpoint, None)
+            if replica is not None:  # resolved again while draining: back in service, on the same channel
+                self._end_drain(replica)
+                log.info("Triton replica %s resolved again: back in service (it was draining, %d calls in flight)",
+                         endpoint, replica.in_flight)
+            else:
                 client = triton_aio.InferenceServerClient(endpoint, channel_args=TRITON_CHANNEL_ARGS)
-                self.replicas[endpoint] = Replica(endpoint, client, name)
+                replica = Replica(endpoint, client, name)
                 log.info("Triton replica %s added", endpoint)
+            self.replicas[endpoint] = replica
         for endpoint in [e for e in self.replicas if e not in wanted]:
-            replica = self.replicas.pop(endpoint)
-            log.info("Triton replica %s removed (no longer resolved)", endpoint)
-            self.on_replica_gone(endpoint)
-            await replica.client.close()
+            self._start_drain(self.replicas.pop(endpoint))
+
+    # -- draining --------------------------------------------------------------------------------------------
+
+    def _start_drain(self, replica: Replica) -> None:
+        """Take `replica` out of service now; close its channel once its calls end, or after `drain_grace`.
+        Nothing here waits: the drain is a task of its own."""
+        replica.draining, replica.up = True, False
+        replica._idle = asyncio.Event()
+        if replica.in_flight == 0:
+            replica._idle.set()
+        self.draining[replica.endpoint] = replica
+        self.on_replica_gone(replica.endpoint)
+        log.info("Triton replica %s removed (no longer resolved): draining its %d calls in flight (for up to %g s)",
+                 replica.endpoint, replica.in_flight, self.drain_grace)
+        replica._drain = asyncio.create_task(self._drain(replica, replica._idle))
+        self._drains.add(replica._drain)
+        replica._drain.add_done_callback(self._drains.discard)
+
+    def _end_drain(self, replica: Replica) -> None:
+        """`replica` is back in service: its drain task stops without closing anything."""
+        drain, replica._drain, replica._idle = replica._drain, None, None
+        replica.draining = False
+        if drain is not None:
+            drain.cancel()
+
+    async def _drain(self, replica: Replica, idle: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(idle.wait(), self.drain_grace)
+        except asyncio.TimeoutError:
+            pass
+        if replica._drain is not asyncio.current_task():
+            return  # resolved again meanwhile (a cancellation that came too late to interrupt the wait)
+        # From here on nothing can bring it back: it leaves `draining` before the first await, so a name that
+        # resolves to it again gets a new channel.
+        if self.draining.get(replica.endpoint) is replica:
+            del self.draining[replica.endpoint]
+        if replica.in_flight == 0:
+            log.info("Triton replica %s drained: its calls ended; channel closed", replica.endpoint)
+        await self._close(replica, f"the drain grace of {self.drain_grace:g} s is over")
+
+    @staticmethod
+    async def _close(replica: Replica, why: str) -> None:
+        """Close `replica`'s channel; calls still in flight on it are cancelled (and `call` retries them)."""
+        replica.closed, replica.up = True, False
+        if replica.in_flight:
+            log.warning("Triton replica %s: %s; closing its channel cancels its %d calls still in flight",
+                        replica.endpoint, why, replica.in_flight)
+        await replica.client.close()
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -167,6 +258,9 @@ class ReplicaPool:
             await asyncio.sleep(interval)
 
     def _set(self, replica: Replica, up: bool, why: str) -> None:
+        if replica.draining or replica.closed:  # no longer a member: on_replica_gone was its last report
+            replica.up = False
+            return
         if up != replica.up:
             log.info("Triton replica %s is %s%s", replica.endpoint, "up" if up else "down", f" ({why})" if why else "")
         replica.up = up
@@ -208,10 +302,29 @@ class ReplicaPool:
                     raise
                 self._set(replica, False, f"a call failed: {exc.message()}")
                 last_error = exc
+            except asyncio.CancelledError:
+                # Closing a channel cancels its calls: the call, not its caller, was cancelled. Such a call (a drain
+                # whose grace ran out) had no answer and may go to another replica, like one that was UNAVAILABLE.
+                if not replica.closed or _task_cancelled():
+                    raise
+                last_error = InferenceServerException(
+                    f"the channel to Triton replica {replica.endpoint} was closed during the call (it left the "
+                    "resolver's answer and the call outlasted the drain grace, or the gateway is stopping)",
+                    "StatusCode.UNAVAILABLE")
+                if len(tried) >= 2:
+                    raise last_error from None
             finally:
-                replica.in_flight -= 1
+                replica.call_ended()
 
     async def close(self) -> None:
-        for replica in self.replicas.values():
-            await replica.client.close()
+        """Close every channel, draining replicas' included (their drains end now, cancelling what is in flight)."""
+        draining = list(self.draining.values())
+        for replica in draining:
+            if replica._drain is not None:
+                replica._drain.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)  # closing ones finish closing
+        for replica in [*self.replicas.values(), *draining]:
+            if not replica.closed:
+                await self._close(replica, "the gateway is stopping")
         self.replicas.clear()
+        self.draining.clear()
