@@ -64,6 +64,17 @@ class GatewayOptions:
     health_interval: float = option(1.0, "seconds between readiness checks of each Triton replica")
     health_timeout: float = option(2.0, "seconds a Triton replica may take to answer a readiness check before it "
                                         "counts as down")
+    max_connection_age: float = option(300.0, "seconds a client's connection to the gateway may live (gRPC varies "
+                                              "it by up to a tenth at random): then the gateway sends an HTTP/2 "
+                                              "GOAWAY, the client's new calls go over a new connection, possibly to "
+                                              "another gateway (clients spread onto the gateways a scale-out adds), "
+                                              "and its calls in flight go on for --max-connection-age-grace; "
+                                              "0: no limit")
+    max_connection_age_grace: float = option(120.0, "seconds calls in flight on a connection past its "
+                                                    "--max-connection-age may still take (a CaptionStream "
+                                                    "included): then the connection is closed and they end "
+                                                    "UNAVAILABLE (a stream that must last longer should be reopened "
+                                                    "by its client); 0: no limit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +85,10 @@ class GatewayConfig(GatewayOptions):
                                             "address NAME resolves to; repeat for more (env: comma-separated)",
                                      action="append")
     dns_refresh: float = option(5.0, "seconds between re-resolutions of dns:/// endpoints")
+    drain_grace: float = option(60.0, "seconds a Triton replica that left the answer of its dns:/// name (a "
+                                      "scale-down, a rollout) may take to finish its calls in flight; it takes no "
+                                      "new call meanwhile, and its channel closes once they end, or at the end of "
+                                      "the grace, cancelling what is left (each retried once on another replica)")
 
 
 @dataclass(frozen=True, kw_only=True)

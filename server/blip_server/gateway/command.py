@@ -4,8 +4,9 @@
     blip-gateway --triton dns:///triton:8001 --host 0.0.0.0   # every address the name resolves to
 
 `start_gateway` assembles a gateway (replica pool, captioner, gRPC server, metrics); `blip-serve` uses it too,
-with its one embedded replica. Health is SERVING while any replica is ready. SIGTERM/SIGINT stop it: health
-goes NOT_SERVING, in-flight calls get `--shutdown-grace` seconds.
+with its one embedded replica. Health is SERVING while any replica is ready. A replica that leaves a dns:///
+name's answer is drained (`--drain-grace`); clients' connections are renewed every `--max-connection-age`.
+SIGTERM/SIGINT stop it: health goes NOT_SERVING, in-flight calls get `--shutdown-grace` seconds.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from blip_server.memory import bound_heap
 log = logging.getLogger("blip-gateway")
 
 
-async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_refresh: float = 5.0) -> Gateway:
-    """A started gateway over `targets` (HOST:PORT or dns:///NAME:PORT); metrics served if options say so."""
+async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_refresh: float = 5.0,
+                        drain_grace: float = 60.0) -> Gateway:
+    """A started gateway over `targets` (HOST:PORT or dns:///NAME:PORT); metrics served if options say so.
+    `dns_refresh` and `drain_grace` matter for dns:/// targets only (see ReplicaPool)."""
     metrics = GatewayMetrics()
     replicas = ReplicaPool(targets, health_timeout=options.health_timeout, dns_refresh=dns_refresh,
-                           on_replica_up=metrics.set_replica, on_replica_gone=metrics.forget_replica)
+                           drain_grace=drain_grace, on_replica_up=metrics.set_replica,
+                           on_replica_gone=metrics.forget_replica)
     limits = GatewayLimits(max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
                            max_image_side=options.max_image_side,
                            max_concurrent_requests=options.max_concurrent_requests,
@@ -38,7 +42,8 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
     keys = [k.strip() for k in options.api_keys.split(",") if k.strip()]
     credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)
     gateway = await create_server(f"{options.host}:{options.port}", Captioner(replicas, limits), keys, metrics,
-                                  credentials)
+                                  credentials, max_connection_age=options.max_connection_age,
+                                  max_connection_age_grace=options.max_connection_age_grace)
     if options.metrics_port:
         try:
             gateway.metrics_port = metrics.serve(options.host, options.metrics_port)
@@ -49,7 +54,7 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
 
 
 async def run(config: GatewayConfig) -> int:
-    gateway = await start_gateway(config, config.triton, config.dns_refresh)
+    gateway = await start_gateway(config, config.triton, config.dns_refresh, config.drain_grace)
     health = asyncio.create_task(gateway.follow_triton(config.health_interval))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

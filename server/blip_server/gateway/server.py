@@ -90,15 +90,39 @@ def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | No
         raise ValueError(f"cannot read a TLS file: {exc}") from None
 
 
+def connection_age_options(max_age: float, grace: float) -> list[tuple[str, int]]:
+    """The server options that bound a client connection's life (0: no bound).
+
+    After `max_age` seconds (gRPC core varies it by +-10% per connection, so that connections opened together do
+    not all close together) the server sends an HTTP/2 GOAWAY: the client opens a new connection for its next
+    calls (gRPC channels do so by themselves, re-resolving the name, so a client behind a Service or a load
+    balancer may land on another gateway), while its calls in flight on the old connection, a CaptionStream
+    included, go on. `grace` seconds after the GOAWAY the old connection is closed and whatever still runs on it
+    is cancelled (the client sees UNAVAILABLE).
+    """
+    if max_age < 0 or grace < 0:
+        raise ValueError("--max-connection-age and --max-connection-age-grace cannot be negative")
+    options = []
+    if max_age:
+        options.append(("grpc.max_connection_age_ms", max(1, round(max_age * 1000))))
+        if grace:
+            options.append(("grpc.max_connection_age_grace_ms", max(1, round(grace * 1000))))
+    return options
+
+
 async def create_server(address: str, captioner: Captioner, api_keys: list[str] = (),
                         metrics: GatewayMetrics | None = None,
-                        credentials: grpc.ServerCredentials | None = None) -> Gateway:
+                        credentials: grpc.ServerCredentials | None = None,
+                        max_connection_age: float = 0.0, max_connection_age_grace: float = 0.0) -> Gateway:
     """A started gateway bound to `address` ("127.0.0.1:0" picks a free port); health starts NOT_SERVING.
 
     Metrics are recorded in `metrics` (a new registry if None); serving them over HTTP is the caller's choice.
-    With `credentials` the port serves TLS only (health and reflection included).
+    With `credentials` the port serves TLS only (health and reflection included). Client connections live
+    `max_connection_age` seconds, then their calls in flight get `max_connection_age_grace` more
+    (`connection_age_options`; 0: no limit).
     """
     limits = captioner.limits
+    age_options = connection_age_options(max_connection_age, max_connection_age_grace)
     metrics = metrics or GatewayMetrics()
     metrics.count_in_flight(lambda: captioner.in_flight)
     server = grpc.aio.server(
@@ -108,6 +132,7 @@ async def create_server(address: str, captioner: Captioner, api_keys: list[str] 
             # RESOURCE_EXHAUSTED and the stream goes on; only a truly huge message ends its call.
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            *age_options,
         ],
     )
     servicer = CaptionServicer(captioner, lambda code, seconds: metrics.observe(STREAM_ITEM, code, seconds))
