@@ -45,6 +45,9 @@ class GatewayOptions:
     metrics_port: int = option(0, "port of the Prometheus metrics endpoint, on the gateway's host; 0: none")
     api_keys: str = option("", "comma-separated keys the gateway requires as `authorization: Bearer <key>`; "
                                "empty: none")
+    api_keys_file: Path | None = option(None, "a file of more such keys, separated by commas or line breaks (a "
+                                              "mounted secret: unlike the environment, not inherited by child "
+                                              "processes or shown in a process's environ); it must exist")
     tls_cert: Path | None = option(None, "PEM certificate chain of the gateway: serve TLS (with --tls-key)")
     tls_key: Path | None = option(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = option(None, "PEM CA certificates: require clients to present a certificate they "

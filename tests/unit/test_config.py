@@ -90,3 +90,21 @@ def test_an_int8_repository_is_refused_on_a_gpu(repositories, tmp_path, capsys):
     (int8 / MANIFEST).write_text(json.dumps({**manifest, "precision": "int8"}))
     assert serve_main(["--model", str(int8), "--device", "cuda"]) == 2
     assert "was exported with --precision int8 runs on CPUs only" in capsys.readouterr().err
+
+
+def test_api_keys_come_from_the_flag_and_a_mounted_file(tmp_path):
+    from blip_server.gateway.command import api_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text("k2, k3\nk4\n\n")
+    config = parse_command_line(GatewayConfig, ["--triton", "t:1", "--api-keys", "k1", "--api-keys-file", str(keys)],
+                                prog="blip-gateway", description="", environ={})
+    assert api_keys(config) == ["k1", "k2", "k3", "k4"]
+    assert api_keys(GatewayConfig(api_keys_file=None)) == []
+
+
+def test_a_missing_api_keys_file_stops_the_gateway_from_starting(tmp_path, capsys):
+    """A gateway told to require keys never serves without them (a Secret that failed to mount)."""
+    assert gateway_main(["--triton", "127.0.0.1:1", "--port", "0", "--api-keys-file", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert "blip-gateway: error: cannot read --api-keys-file" in err and "No such file" in err

@@ -26,10 +26,23 @@ from blip_server.memory import bound_heap
 log = logging.getLogger("blip-gateway")
 
 
+def api_keys(options: GatewayOptions) -> list[str]:
+    """The keys of --api-keys and --api-keys-file; raises ValueError when the file cannot be read (a gateway told
+    to require keys never starts without them)."""
+    text = options.api_keys
+    if options.api_keys_file is not None:
+        try:
+            text += "," + options.api_keys_file.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-keys-file {options.api_keys_file}: {exc.strerror}") from None
+    return [key.strip() for key in text.replace("\n", ",").split(",") if key.strip()]
+
+
 async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_refresh: float = 5.0,
                         drain_grace: float = 60.0) -> Gateway:
     """A started gateway over `targets` (HOST:PORT or dns:///NAME:PORT); metrics served if options say so.
     `dns_refresh` and `drain_grace` matter for dns:/// targets only (see ReplicaPool)."""
+    keys = api_keys(options)
     metrics = GatewayMetrics()
     replicas = ReplicaPool(targets, health_timeout=options.health_timeout, dns_refresh=dns_refresh,
                            drain_grace=drain_grace, on_replica_up=metrics.set_replica,
@@ -39,7 +52,6 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
                            max_concurrent_requests=options.max_concurrent_requests,
                            max_image_bytes_in_flight=options.max_image_bytes_in_flight,
                            stream_window=options.stream_window)
-    keys = [k.strip() for k in options.api_keys.split(",") if k.strip()]
     credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)
     gateway = await create_server(f"{options.host}:{options.port}", Captioner(replicas, limits), keys, metrics,
                                   credentials, max_connection_age=options.max_connection_age,
