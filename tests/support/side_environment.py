@@ -3,7 +3,7 @@
 A test that needs, say, the Pillow release NVIDIA's Triton image installs builds its environment here, keyed by
 the exact requirements: a second run of the test suite finds it and downloads nothing. The cache lives in
 `$XDG_CACHE_HOME/blip-caption/test-environments` (default `~/.cache`); a half-built environment is never used
-(it is built under a temporary name and renamed when pip succeeded).
+(it counts as built once its `requirements.txt` is written, after pip succeeded).
 """
 
 from __future__ import annotations
@@ -23,25 +23,20 @@ def cache_directory() -> Path:
 
 
 def environment(packages: list[str], timeout: float = 900) -> Path:
-    """The python of an environment holding exactly `packages` (pinned requirements), built if needed."""
+    """The python of an environment holding exactly `packages` (pinned requirements), built if needed. Its
+    `bin/` has the packages' commands too."""
     key = hashlib.sha256(f"{sys.version_info[:2]}\n{sorted(packages)}".encode()).hexdigest()[:16]
     directory = cache_directory() / key
-    python = directory / "bin" / "python"
-    if python.is_file():
+    python, done = directory / "bin" / "python", directory / "requirements.txt"
+    if done.is_file():
         return python
-    building = directory.with_name(f".{key}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    venv.create(building, with_pip=True)
-    result = subprocess.run([str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", *packages],
+    # Built where it stays (its commands name their interpreter by absolute path); complete once `done` exists.
+    shutil.rmtree(directory, ignore_errors=True)
+    venv.create(directory, with_pip=True)
+    result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages],
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"could not build an environment with {' '.join(packages)}:\n{result.stderr[-4000:]}")
-    (building / "requirements.txt").write_text("\n".join(packages) + "\n")
-    try:
-        building.rename(directory)
-    except OSError:  # another run built it meanwhile
-        shutil.rmtree(building, ignore_errors=True)
-    # venv writes absolute paths into its scripts, but `bin/python` itself is a link to the interpreter: it works
-    # from the renamed directory, and it is all that is run.
+    done.write_text("\n".join(packages) + "\n")
     return python

@@ -1,7 +1,8 @@
-"""Deployment files, validated offline with the real tools (no Docker engine or cluster exists here):
-the compose files against the Compose specification's schema (check-jsonschema), every kustomize overlay
-rendered by kubectl's kustomize and validated by kubernetes-validate --strict (a warning fails), the Dockerfiles
-by hadolint, and their contents against what the deployment needs."""
+"""Deployment files, validated offline with the real tools (no Docker engine or cluster exists here): the compose
+files against the Compose specification's schema (check-jsonschema), every kustomize overlay rendered by kubectl's
+kustomize and validated by kubernetes-validate --strict (a warning fails), the Dockerfiles by hadolint, everything
+by checkov (0 failed checks; each skip inline, with its reason), and their contents against what the deployment
+needs. tests/container runs the images and Compose for real (podman)."""
 
 from __future__ import annotations
 
@@ -14,33 +15,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from support import side_environment
+from support.deployment import BIN, ROOT, compose, find, kustomize
+
 OVERLAYS = ("cpu", "gpu")
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+CHECKOV = "checkov==3.3.30"
 
 
 def _run(*command: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True, timeout=120, **kwargs)
 
 
-class _ComposeLoader(yaml.SafeLoader):
-    """YAML with Compose's merge tags (!reset, !override) read as their plain values."""
-
-
-def _plain(loader: yaml.SafeLoader, node: yaml.Node):
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-for _tag in ("!reset", "!override"):
-    _ComposeLoader.add_constructor(_tag, _plain)
-
-
-def _compose(name: str) -> dict:
-    return yaml.load((ROOT / name).read_text(), Loader=_ComposeLoader)
+def _dockerfile(name: str) -> str:
+    return (ROOT / "docker" / name / "Dockerfile").read_text()
 
 
 # -- docker compose ----------------------------------------------------------------------------------------------
@@ -53,7 +41,7 @@ def test_the_compose_file_validates_against_the_compose_specification():
 
 def test_the_cpu_override_validates_against_the_compose_specification(tmp_path):
     data = tmp_path / "docker-compose.cpu.json"  # the schema tool's YAML reader does not know Compose's tags
-    data.write_text(json.dumps(_compose("docker-compose.cpu.yml")))
+    data.write_text(json.dumps(compose("docker-compose.cpu.yml")))
     run = _run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(data))
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -73,23 +61,34 @@ def _minutes(text: str) -> float:
     return sum(int(n) * {"h": 60, "m": 1, "s": 1 / 60}[u] for n, u in re.findall(r"(\d+)([hms])", text))
 
 
+def _volume(service: dict, target: str) -> dict:
+    (volume,) = [v for v in service["volumes"] if isinstance(v, dict) and v["target"] == target]
+    return volume
+
+
 def test_compose_runs_triton_on_the_gpu_with_a_private_read_only_model_repository():
-    triton = _compose("docker-compose.yml")["services"]["triton"]
-    assert triton["build"]["context"] == "docker/triton"
+    triton = compose("docker-compose.yml")["services"]["triton"]
+    assert triton["build"]["dockerfile"] == "docker/triton/Dockerfile"
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "--model-config-name=gpu" in triton["command"]
     assert _size_bytes(triton["shm_size"]) >= 1 << 30
     assert triton["ulimits"]["memlock"] == -1 and triton["ulimits"]["stack"] >= 64 << 20
-    models = [v for v in triton["volumes"] if isinstance(v, dict) and v["target"] == "/models"]
-    assert models and models[0]["read_only"] is True
+    assert _volume(triton, "/models")["read_only"] is True
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert _minutes(triton["healthcheck"]["start_period"]) >= 15  # TensorRT engine builds
     assert "ports" not in triton  # Triton stays on the compose network
 
 
+def test_compose_gives_each_triton_replica_a_tensorrt_cache_of_its_own():
+    """An anonymous volume: `--scale triton=N` gives each replica its own, so no two write one engine file."""
+    services = compose("docker-compose.yml")
+    cache = _volume(services["services"]["triton"], "/cache/tensorrt")
+    assert cache["type"] == "volume" and "source" not in cache
+    assert "tensorrt-cache" not in (services.get("volumes") or {})
+
+
 def test_compose_publishes_only_the_gateway_which_balances_over_every_triton_replica():
-    services = _compose("docker-compose.yml")["services"]
+    services = compose("docker-compose.yml")["services"]
     assert {name for name, s in services.items() if "ports" in s} == {"gateway", "prometheus"}
     gateway = services["gateway"]
     assert [p.split(":")[-1] for p in gateway["ports"]] == ["50051", "9090"]
@@ -100,7 +99,7 @@ def test_compose_publishes_only_the_gateway_which_balances_over_every_triton_rep
 
 
 def test_compose_has_prometheus_under_a_profile_scraping_triton_and_the_gateway():
-    services = _compose("docker-compose.yml")["services"]
+    services = compose("docker-compose.yml")["services"]
     assert services["prometheus"]["profiles"] == ["monitoring"]
     assert services["export"]["profiles"] == ["export"]
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
@@ -114,23 +113,52 @@ def test_compose_has_prometheus_under_a_profile_scraping_triton_and_the_gateway(
 
 
 def test_the_cpu_override_drops_the_gpu():
-    triton = _compose("docker-compose.cpu.yml")["services"]["triton"]
+    triton = compose("docker-compose.cpu.yml")["services"]["triton"]
     assert "!reset" in (ROOT / "docker-compose.cpu.yml").read_text() and triton["deploy"] == {}
     assert not any("model-config-name" in arg for arg in triton["command"])
+
+
+@pytest.mark.parametrize("name", ["export", "triton", "gateway"])
+def test_compose_services_run_hardened(name):
+    service = compose("docker-compose.yml")["services"][name]
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+
+
+# -- what the containers write: it exists in the image and belongs to its user -------------------------------------
+
+# image -> (the user it runs as, the paths it writes besides /tmp and /dev/shm)
+WRITES = {"export": ("10001", ["/models"]), "triton": ("1000", ["/cache/tensorrt"]), "gateway": ("10001", [])}
+COMPOSE_SERVICE = {"export": "export", "triton": "triton", "gateway": "gateway"}
+
+
+@pytest.mark.parametrize("image", sorted(WRITES))
+def test_every_path_a_container_writes_exists_in_its_image_and_belongs_to_its_user(image):
+    text = _dockerfile(image)
+    user, paths = WRITES[image]
+    assert re.findall(r"^USER (\S+)$", text, re.M)[-1] == user
+    for path in paths:
+        assert re.search(rf"mkdir -p [^&\n]*{re.escape(path)}\b", text), f"{image}: {path} is not created"
+        assert re.search(rf"chown {user}:{user} [^&\n]*{re.escape(path)}\b", text), f"{image}: {path} is not {user}'s"
+    # Compose mounts a volume on each (the root file system is read-only), and a tmpfs on /tmp.
+    service = compose("docker-compose.yml")["services"][COMPOSE_SERVICE[image]]
+    mounted = {v["target"] for v in service.get("volumes", []) if isinstance(v, dict)}
+    assert set(paths) <= mounted
+    if image != "gateway":
+        assert _volume(service, "/tmp")["type"] == "tmpfs"
 
 
 # -- Kubernetes --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+def rendered(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
     out = {}
     for overlay in OVERLAYS:
-        run = _run("kubectl", "kustomize", str(ROOT / "deploy/kubernetes/overlays" / overlay))
-        assert run.returncode == 0, run.stderr
+        text, documents = kustomize(KUBERNETES / "overlays" / overlay)
         path = tmp_path_factory.mktemp("k8s") / f"{overlay}.yaml"
-        path.write_text(run.stdout)
-        out[overlay] = (path, [d for d in yaml.safe_load_all(run.stdout) if d])
+        path.write_text(text)
+        out[overlay] = (path, documents)
     return out
 
 
@@ -151,64 +179,171 @@ def test_strict_validation_catches_an_unknown_field(rendered, tmp_path):
     assert _run("kubernetes-validate", "--strict", str(broken)).returncode != 0
 
 
-def _find(documents, kind, name):
-    (found,) = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
-    return found
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_triton_runs_with_probes_shared_memory_and_an_exported_repository(rendered, overlay):
+def test_triton_runs_with_probes_shared_memory_and_its_repository_from_a_model_image(rendered, overlay):
     _, documents = rendered[overlay]
-    pod = _find(documents, "Deployment", "blip-triton")["spec"]["template"]["spec"]
+    pod = find(documents, "Deployment", "blip-triton")["spec"]["template"]["spec"]
     (triton,) = pod["containers"]
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     startup = triton["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
     volumes = {v["name"]: v for v in pod["volumes"]}
-    shm = [m for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"][0]
-    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
-    (export,) = pod["initContainers"]
-    assert export["image"].startswith("blip-caption/export") and "triton-container" in export["args"]
+    mounts = {m["mountPath"]: m for m in triton["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
+    # No shared file system: the model image's init container copies the repository into the pod's own volume.
+    assert all("persistentVolumeClaim" not in v for v in volumes.values())
+    (model,) = pod["initContainers"]
+    assert model["image"].startswith("blip-caption/model:") and model["args"] == ["/models/repository"]
+    (init_mount,) = model["volumeMounts"]
+    assert (init_mount["mountPath"], init_mount["name"]) == ("/models", mounts["/models"]["name"])
+    assert mounts["/models"]["readOnly"] is True
     gpu = triton["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpu, "--model-config-name=gpu" in triton["args"]) == ((1, True) if overlay == "gpu" else (None, False))
     if overlay == "cpu":  # the models start a thread per core of the CPU limit (cpu_turns.available_cores)
         assert triton["resources"]["limits"]["cpu"] == triton["resources"]["requests"]["cpu"]
 
 
+def test_the_model_images_entrypoint_is_the_idempotent_copy():
+    text = _dockerfile("model")
+    assert 'ENTRYPOINT ["python3", "-I", "/opt/blip/repository_copy.py", "/opt/model/repository"]' in text
+    assert "COPY --from=export /opt/blip/server/blip_server/repository_copy.py" in text
+    assert re.search(r"blip-export --model /checkpoint --output /models/repository", text)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_restricted_and_bounded(rendered, overlay):
+    """The restricted Pod Security Standard the namespace enforces, and requests and limits for every resource a
+    pod uses (each Triton pod writes a copy of the repository and TensorRT engines: ephemeral storage)."""
+    _, documents = rendered[overlay]
+    namespace = find(documents, "Namespace", "blip-caption")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for deployment in (d for d in documents if d["kind"] == "Deployment"):
+        assert deployment["metadata"]["namespace"] == "blip-caption"
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert context["readOnlyRootFilesystem"] is True
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(container["resources"][kind]), container["name"]
+            assert container["imagePullPolicy"] == "Always"
+    triton = find(documents, "Deployment", "blip-triton")["spec"]["template"]["spec"]
+    assert triton["securityContext"]["fsGroup"] == 1000  # an engine cache on a PersistentVolume is writable
+    writable = {m["mountPath"] for m in triton["containers"][0]["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/cache/tensorrt", "/dev/shm", "/tmp"}
+
+
+def test_no_deployment_managed_by_an_hpa_pins_its_replicas(rendered):
+    for overlay in OVERLAYS:
+        _, documents = rendered[overlay]
+        scaled = {h["spec"]["scaleTargetRef"]["name"] for h in documents if h["kind"] == "HorizontalPodAutoscaler"}
+        assert scaled == {"blip-gateway", "blip-triton"}
+        for name in scaled:
+            assert "replicas" not in find(documents, "Deployment", name)["spec"], (overlay, name)
+
+
 def test_the_gateway_balances_over_the_headless_triton_service_and_is_probed_over_grpc(rendered):
     _, documents = rendered["gpu"]
-    service = _find(documents, "Service", "blip-triton")
+    service = find(documents, "Service", "blip-triton")
     assert service["spec"]["clusterIP"] == "None"
     grpc_port = [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"][0]
-    deployment = _find(documents, "Deployment", "blip-gateway")
-    assert deployment["spec"]["replicas"] >= 2
+    deployment = find(documents, "Deployment", "blip-gateway")
+    assert find(documents, "HorizontalPodAutoscaler", "blip-gateway")["spec"]["minReplicas"] >= 2
     (gateway,) = deployment["spec"]["template"]["spec"]["containers"]
     assert gateway["args"][gateway["args"].index("--triton") + 1] == f"dns:///blip-triton:{grpc_port}"
     assert gateway["readinessProbe"]["grpc"]["service"] == "blip.caption.v1.CaptionService"
     assert gateway["livenessProbe"]["grpc"]["service"] == "liveness"
-    assert _find(documents, "Service", "blip-gateway")["spec"]["ports"][0]["port"] == 50051
+    assert find(documents, "Service", "blip-gateway")["spec"]["ports"][0]["port"] == 50051
 
 
-def test_autoscaling_disruption_budgets_and_the_network_policy(rendered):
+def test_autoscaling_disruption_budgets_and_network_policies(rendered):
     _, documents = rendered["gpu"]
-    gateway_hpa = _find(documents, "HorizontalPodAutoscaler", "blip-gateway")
+    gateway_hpa = find(documents, "HorizontalPodAutoscaler", "blip-gateway")
     assert gateway_hpa["apiVersion"] == "autoscaling/v2"
     assert gateway_hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    triton_hpa = _find(documents, "HorizontalPodAutoscaler", "blip-triton")
+    triton_hpa = find(documents, "HorizontalPodAutoscaler", "blip-triton")
     metric = triton_hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    adapter = yaml.safe_load((ROOT / "deploy/kubernetes/prometheus-adapter/values.yaml").read_text())
+    adapter = yaml.safe_load((KUBERNETES / "prometheus-adapter/values.yaml").read_text())
     assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [metric]
     for name in ("blip-gateway", "blip-triton"):
-        assert _find(documents, "PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"] == {
-            "app.kubernetes.io/name": name}
-    policy = _find(documents, "NetworkPolicy", "blip-triton")["spec"]
+        budget = find(documents, "PodDisruptionBudget", name)["spec"]
+        assert budget["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        # A drain never evicts the last ready replica (maxUnavailable 1 let it take the only Triton pod).
+        assert budget["minAvailable"] == 1 and "maxUnavailable" not in budget
+        assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    policy = find(documents, "NetworkPolicy", "blip-triton")["spec"]
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "blip-triton"}
     assert policy["policyTypes"] == ["Ingress"]
     gateway_rule = policy["ingress"][0]
     assert gateway_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "blip-gateway"}}}]
     assert [p["port"] for p in gateway_rule["ports"]] == [8001]
     assert [p["port"] for rule in policy["ingress"][1:] for p in rule["ports"]] == [8002]  # metrics only
+    gateway = find(documents, "NetworkPolicy", "blip-gateway")["spec"]
+    assert [[p["port"] for p in rule["ports"]] for rule in gateway["ingress"]] == [[50051], [9090]]
+    assert "from" not in gateway["ingress"][0]  # the API is public
+
+
+def test_a_pod_monitor_selects_the_pods_the_triton_hpas_metric_comes_from(rendered):
+    """kube-prometheus-stack scrapes what PodMonitors select (it ignores prometheus.io annotations): the Triton
+    HPA's metric exists only if one selects the pods of its Deployment, on the port serving nv_inference_*."""
+    _, documents = rendered["gpu"]
+    _, monitors = kustomize(KUBERNETES / "monitoring")
+    hpa = find(documents, "HorizontalPodAutoscaler", "blip-triton")
+    target = find(documents, hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+    labels = target["spec"]["template"]["metadata"]["labels"]
+    (triton,) = target["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    selecting = [m for m in monitors if m["kind"] == "PodMonitor"
+                 and m["metadata"]["namespace"] == target["metadata"]["namespace"]
+                 and m["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    assert selecting, "no PodMonitor selects the Triton pods"
+    (endpoint,) = selecting[0]["spec"]["podMetricsEndpoints"]
+    assert ports[endpoint["port"]] == 8002  # Triton's metrics port
+    # The adapter's rule needs the namespace and pod labels a PodMonitor's targets carry.
+    adapter = yaml.safe_load((KUBERNETES / "prometheus-adapter/values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert "prometheus.io/scrape" not in json.dumps(documents)  # nothing pretends annotations are scraped
+
+
+def test_images_are_renamed_in_one_documented_command(tmp_path):
+    """deploy/images.py writes an overlay whose every image comes from the registry given (the manifests' names,
+    blip-caption/*, resolve to no registry anyone serves)."""
+    output = tmp_path / "mine"
+    run = subprocess.run([sys.executable, str(ROOT / "deploy" / "images.py"), "--registry", "registry.example.com/team",
+                          "--tag", "1.2.3", "--overlay", "gpu", "--no-build", "--output", str(output)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    _, documents = kustomize(output)
+    images = [c["image"] for d in documents if d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])]
+    assert sorted(images) == ["registry.example.com/team/blip-caption-gateway:1.2.3",
+                              "registry.example.com/team/blip-caption-model:1.2.3",
+                              "registry.example.com/team/blip-caption-triton:1.2.3"]
+    assert "deploy/images.py" in (ROOT / "README.md").read_text()
+
+
+def test_the_image_command_builds_every_image_from_its_dockerfile_and_pushes_what_pods_run(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "deploy" / "images.py"), "--registry", "r.example/t",
+                          "--checkpoint", str(tmp_path), "--precision", "fp16", "--push", "--builder", "podman",
+                          "--output", str(tmp_path / "o"), "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    commands = [line[2:].split() for line in run.stdout.splitlines() if line.startswith("+ ")]
+    builds = {c[c.index("-t") + 1]: c for c in commands if c[1] == "build"}
+    assert sorted(builds) == [f"r.example/t/blip-caption-{n}:0.1.0" for n in ("export", "gateway", "model", "triton")]
+    for tag, command in builds.items():
+        name = tag.split("blip-caption-")[1].split(":")[0]
+        assert command[command.index("-f") + 1] == str(ROOT / "docker" / name / "Dockerfile")
+    model = builds["r.example/t/blip-caption-model:0.1.0"]
+    assert model[-1] == str(tmp_path) and "--build-arg=PRECISION=fp16" in model
+    assert "--build-arg=EXPORT_IMAGE=r.example/t/blip-caption-export:0.1.0" in model
+    assert sorted(c[2] for c in commands if c[1] == "push") == [
+        f"r.example/t/blip-caption-{n}:0.1.0" for n in ("gateway", "model", "triton")]
+    assert not (tmp_path / "o").exists()  # a dry run changes nothing
 
 
 # -- images ------------------------------------------------------------------------------------------------------
@@ -222,28 +357,17 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def _pip_requirements(dockerfile: Path) -> list[str]:
-    text = dockerfile.read_text().replace("\\\n", " ")
-    return [r.strip('"') for line in re.findall(r"pip install ([^&\n]*)", text)
-            for r in line.split() if not r.startswith("-") and "://" not in r and r not in (".", '"${TORCH_INDEX}"')]
-
-
-def test_the_triton_image_extends_nvidias_and_installs_pinned_model_dependencies_only():
-    dockerfile = ROOT / "docker/triton/Dockerfile"
-    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:24\.10-py3$", dockerfile.read_text(), re.M)
-    requirements = _pip_requirements(dockerfile)
-    assert {r.split("==")[0].lower() for r in requirements} == {"torch", "numpy", "tokenizers", "safetensors", "pillow"}
-    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", r) for r in requirements), requirements
-    assert "numpy==1.26.4" in requirements  # numpy < 2
-
-
-def test_the_gateway_image_is_slim_non_root_and_runs_blip_gateway():
-    text = (ROOT / "docker/gateway/Dockerfile").read_text()
-    assert re.search(r"^FROM python:[\d.]+-slim", text, re.M)
-    user = re.findall(r"^USER (\S+)", text, re.M)
-    assert user and user[-1] not in ("root", "0")
-    assert '"blip-gateway"' in re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1)
-    assert "pip install --no-cache-dir --no-deps ." in text
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfiles_take_their_base_and_pip_options_as_build_arguments(dockerfile):
+    """So that the same steps build offline from stand-in bases (tests/container), defaulting to the real ones."""
+    text = dockerfile.read_text()
+    bases = re.findall(r"^FROM \$\{(\w+)\}", text, re.M)
+    assert bases, "the base image is not a build argument"
+    for base in bases:
+        default = re.search(rf"^ARG {base}=(\S+)$", text, re.M).group(1)
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", default), default  # a tagged default
+    for line in re.findall(r"pip install [^\n]*", text):
+        assert "${PIP_OPTIONS}" in line, line
 
 
 def _pyproject_pins() -> dict[str, str]:
@@ -252,18 +376,44 @@ def _pyproject_pins() -> dict[str, str]:
             for m in re.finditer(r'"([A-Za-z0-9_.\-\[\]]+)==([^"]+)"', text)}
 
 
+def _requirements(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {re.sub(r"\[.*\]", "", name).lower().replace("_", "-"): version
+            for name, version in (line.split("==") for line in lines)}
+
+
+def test_the_triton_image_extends_nvidias_and_installs_pinned_model_dependencies_only():
+    text = _dockerfile("triton")
+    assert re.search(r"^ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:24\.10-py3$", text, re.M)
+    # torch: the last PyPI release built for CUDA 12.6, the image's CUDA (2.13.0's is CUDA 13: driver 580+).
+    assert re.search(r'^ARG TORCH_REQUIREMENT="torch==2\.7\.1"$', text, re.M)
+    requirements = _requirements(ROOT / "docker" / "triton" / "requirements.txt")
+    assert set(requirements) == {"numpy", "tokenizers", "safetensors", "pillow"}
+    pins = _pyproject_pins()
+    for name in ("tokenizers", "safetensors"):
+        assert requirements[name] == pins[name], name
+    # Pillow 13 has no Python 3.10 wheels: 12.3.0, whose pixels tests/integration/test_container_pillow.py holds
+    # equal to 13.0.0's. numpy: within the project's range (below 2, for nvidia-pytriton).
+    assert requirements["pillow"] == "12.3.0"
+    assert requirements["numpy"] == "1.26.4" and '"numpy>=1.26,<2"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_gateway_image_is_slim_non_root_and_runs_blip_gateway():
+    text = _dockerfile("gateway")
+    assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim", text, re.M)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert '"blip-gateway"' in re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1)
+    assert "--no-deps ." in text
+
+
 def test_the_gateway_images_pins_equal_the_projects():
     pins = _pyproject_pins()
-    lines = [line for line in (ROOT / "docker/gateway/requirements.txt").read_text().splitlines()
-             if line and not line.startswith("#")]
-    shared = 0
-    for line in lines:
-        name, version = line.split("==")
-        name = re.sub(r"\[.*\]", "", name).lower().replace("_", "-")
-        if name in pins:
-            assert pins[name] == version, name
-            shared += 1
-    assert shared >= 7  # grpcio, its health and reflection, protobuf, tritonclient, prometheus-client, Pillow
+    requirements = _requirements(ROOT / "docker" / "gateway" / "requirements.txt")
+    shared = [name for name in requirements if name in pins]
+    for name in shared:
+        assert pins[name] == requirements[name], name
+    assert len(shared) >= 7  # grpcio, its health and reflection, protobuf, tritonclient, prometheus-client, Pillow
 
 
 def test_the_gateway_runs_without_the_models_libraries():
@@ -285,18 +435,84 @@ def test_the_gateway_runs_without_the_models_libraries():
     assert "--triton" in run.stdout
 
 
-# -- the model repository runs on the container's Python 3.10 ------------------------------------------------------
+# Hosts of package registries: pip's default index needs no URL, and nothing here may depend on one by name.
+REGISTRY_HOSTS = ("pypi.org", "pythonhosted.org", "download.pytorch.org", "pypi.nvidia.com", "pypi.ngc.nvidia.com",
+                  "registry.npmjs.org", "deb.debian.org", "security.debian.org", "conda.anaconda.org")
 
 
-def test_the_model_repository_needs_nothing_newer_than_python_3_10():
-    run = _run("vermin", "-t=3.10-", "--violations", "--no-tips", "--eval-annotations", str(ROOT / "model_repository"))
+def test_no_package_registry_host_is_named_in_the_repository():
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    named = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.suffix in (".safetensors", ".png", ".jpg", ".onnx"):
+            continue
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        named += [f"{name}: {host}" for host in REGISTRY_HOSTS if host in text and name != Path(__file__).relative_to(ROOT).as_posix()]
+    assert named == []
+
+
+# -- static analysis: checkov ------------------------------------------------------------------------------------
+
+
+def test_checkov_finds_nothing_in_the_deployment_files():
+    """checkov (in an environment of its own: its dependencies conflict with this project's pins) on the
+    repository's Kubernetes manifests, kustomize overlays and Dockerfiles: 0 failed checks. Each check skipped is
+    skipped inline where it applies, with the reason (`checkov.io/skip*` annotations, `# checkov:skip=` lines)."""
+    python = side_environment.environment([CHECKOV])
+    run = subprocess.run([str(python.parent / "checkov"), "--directory", str(ROOT), "--framework", "kubernetes",
+                          "kustomize", "dockerfile", "--skip-download", "--output", "json", "--quiet"],
+                         capture_output=True, text=True, timeout=600,
+                         env={"PATH": f"{BIN}:/usr/bin:/bin", "BC_SKIP_MAPPING": "TRUE", "HOME": str(Path.home())})
+    reports = json.loads(run.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    frameworks = {r["check_type"]: r for r in reports}
+    assert set(frameworks) == {"kubernetes", "kustomize", "dockerfile"}, run.stderr[-2000:]
+    failed = [f"{r['check_type']}: {c['check_id']} {c['resource']} ({c['file_path']})"
+              for r in reports for c in r["results"]["failed_checks"]]
+    assert failed == []
+    for report in reports:
+        assert report["summary"]["passed"] > 0
+        for check in report["results"]["skipped_checks"]:
+            assert len(check["check_result"].get("suppress_comment", "")) > 20, check["check_id"]  # a reason
+
+
+# -- what runs on NGC's Python 3.10 -------------------------------------------------------------------------------
+
+# The model repository (with the shared modules blip-export copies into it) and blip-tritonserver's files.
+PYTHON_3_10 = [ROOT / "model_repository", ROOT / "server" / "blip_server" / "shared",
+               ROOT / "server" / "blip_server" / "triton_command.py", ROOT / "server" / "blip_server" / "memory.py"]
+
+
+def test_what_runs_in_the_triton_image_needs_nothing_newer_than_python_3_10():
+    run = _run("vermin", "-t=3.10-", "--violations", "--no-tips", "--eval-annotations", *map(str, PYTHON_3_10))
     assert run.returncode == 0, run.stdout + run.stderr
     import ast
 
-    for path in (ROOT / "model_repository").rglob("*.py"):
-        ast.parse(path.read_text(), str(path), feature_version=(3, 10))
+    for path in PYTHON_3_10:
+        for file in [path] if path.is_file() else path.rglob("*.py"):
+            ast.parse(file.read_text(), str(file), feature_version=(3, 10))
+    copied = re.search(r"^COPY (server/\S+triton_command\.py .*) /opt/blip/$", _dockerfile("triton"), re.M).group(1)
+    for source in copied.split():  # everything the image copies is checked above
+        assert any(ROOT / source == p or p in (ROOT / source).parents for p in PYTHON_3_10), source
 
 
 def test_vermin_would_catch_python_3_11_code(tmp_path):
     (tmp_path / "newer.py").write_text("import tomllib\n")
     assert _run("vermin", "-t=3.10-", "--violations", "--no-tips", str(tmp_path)).returncode != 0
+
+
+def test_the_gateways_api_keys_come_from_a_mounted_secret_its_user_can_read(rendered):
+    """A file, not an environment variable (which child processes inherit and crash reports show); a Secret that
+    is not there keeps the pod from starting rather than the API from requiring keys."""
+    _, documents = rendered["gpu"]
+    pod = find(documents, "Deployment", "blip-gateway")["spec"]["template"]["spec"]
+    (gateway,) = pod["containers"]
+    assert "env" not in gateway
+    path = gateway["args"][gateway["args"].index("--api-keys-file") + 1]
+    (mount,) = [m for m in gateway["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "blip-api-keys" and not volume["secret"].get("optional", False)
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+    assert path.rsplit("/", 1)[1] == "keys"
