@@ -71,7 +71,9 @@ def channel_options(retry: RetryPolicy | None = RetryPolicy()) -> list[tuple[str
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     if retry is None or retry.max_attempts == 1:
-        return options + [("grpc.enable_retries", 0)]
+        # No retry policy; gRPC's transparent retries stay on: they resend only a call that never reached the
+        # server (e.g. one that raced a GOAWAY as the gateway renewed the connection at its maximum age).
+        return options
     # gRPC keeps a request to resend it; above these buffers it would not retry: make room for a whole image.
     return options + [("grpc.enable_retries", 1), ("grpc.service_config", retry.service_config()),
                       ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
