@@ -61,8 +61,21 @@ def _minutes(text: str) -> float:
     return sum(int(n) * {"h": 60, "m": 1, "s": 1 / 60}[u] for n, u in re.findall(r"(\d+)([hms])", text))
 
 
+def _volumes(service: dict) -> list[dict]:
+    """A service's volumes in the long syntax (the short one, "[SOURCE:]TARGET[:MODE]", converted)."""
+    volumes = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            parts = volume.split(":")
+            source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+            volume = {"type": "bind" if source and source.startswith((".", "/")) else "volume", "target": target,
+                      **({"source": source} if source else {}), **({"read_only": True} if parts[2:] == ["ro"] else {})}
+        volumes.append(volume)
+    return volumes
+
+
 def _volume(service: dict, target: str) -> dict:
-    (volume,) = [v for v in service["volumes"] if isinstance(v, dict) and v["target"] == target]
+    (volume,) = [v for v in _volumes(service) if v["target"] == target]
     return volume
 
 
@@ -142,7 +155,7 @@ def test_every_path_a_container_writes_exists_in_its_image_and_belongs_to_its_us
         assert re.search(rf"chown {user}:{user} [^&\n]*{re.escape(path)}\b", text), f"{image}: {path} is not {user}'s"
     # Compose mounts a volume on each (the root file system is read-only), and a tmpfs on /tmp.
     service = compose("docker-compose.yml")["services"][COMPOSE_SERVICE[image]]
-    mounted = {v["target"] for v in service.get("volumes", []) if isinstance(v, dict)}
+    mounted = {v["target"] for v in _volumes(service)}
     assert set(paths) <= mounted
     if image != "gateway":
         assert _volume(service, "/tmp")["type"] == "tmpfs"
