@@ -48,6 +48,9 @@ def test_help_comes_from_the_fields(capsys):
     assert "--triton TRITON a Triton gRPC endpoint, HOST:PORT, or dns:///NAME:PORT" in text
     assert "--metrics-port METRICS_PORT port of the Prometheus metrics endpoint" in text
     assert "env BLIP_HEALTH_TIMEOUT" in text
+    assert "--max-connection-age MAX_CONNECTION_AGE seconds a client's connection to the gateway may live" in text
+    assert "--max-connection-age-grace MAX_CONNECTION_AGE_GRACE seconds calls in flight" in text
+    assert "--drain-grace DRAIN_GRACE seconds a Triton replica that left the answer" in text
 
 
 @pytest.mark.parametrize("argv, message", [

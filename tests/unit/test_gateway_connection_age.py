@@ -171,15 +171,6 @@ def test_the_flags_and_environment_set_the_connection_age_and_the_drain_grace():
     assert (serve.max_connection_age, serve.max_connection_age_grace) == (300, 120)
 
 
-def test_help_documents_the_new_flags(capsys):
-    with pytest.raises(SystemExit):
-        gateway_main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "--max-connection-age MAX_CONNECTION_AGE seconds a client's connection to the gateway may live" in text
-    assert "--max-connection-age-grace MAX_CONNECTION_AGE_GRACE seconds calls in flight" in text
-    assert "--drain-grace DRAIN_GRACE seconds a Triton replica that left the answer" in text
-
-
 def test_start_gateway_passes_the_options_to_the_server_and_the_pool(monkeypatch):
     seen = {}
 
