@@ -326,6 +326,9 @@ class SmokeTest:
                 self.reference["prompt"] = (prompted.captions[0].text, prompted.captions[0].score)
         finally:
             serve.stop()
+            for log in (serve.triton_log, Path(serve.stderr.name) if serve.stderr else None):
+                if log is not None:
+                    log.unlink(missing_ok=True)
         for name, (text, score) in self.reference.items():
             self.run.say(f"  host: {name}: {text!r} ({score:.4f})")
 
