@@ -135,6 +135,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, options: Expor
     shutil.rmtree(partial, ignore_errors=True)
     try:
         manifest = _export(checkpoint, partial, options, identity)
+        _readable_by_all(partial)
         replace_directory(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -237,6 +238,15 @@ def _generation_defaults(checkpoint: Path) -> dict[str, str]:
     if defaults:
         log.info("generation defaults from the checkpoint: %s", defaults)
     return defaults
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Every file of the repository readable, and every directory searchable, by every user: Triton runs as
+    another user than the export (uid 1000 and 10001 in the images), and some writers create files for their owner
+    alone (safetensors writes 0600)."""
+    for path in (directory, *directory.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o444))
 
 
 def _write_json(path: Path, value) -> None:

@@ -336,3 +336,12 @@ def test_an_unwritable_output_is_a_clear_error_not_a_traceback(checkpoints, tmp_
     err = capsys.readouterr().err
     assert "blip-export: error: cannot write" in err and "Permission denied" in err and f"uid {os.getuid()}" in err
     assert "Traceback" not in err
+
+
+def test_every_exported_file_is_readable_by_every_user(repositories):
+    """The export and Triton run as different users in the containers (10001 and 1000): safetensors writes its
+    files 0600, which made Triton fail to load the decoder (found by the container smoke test)."""
+    repository = repositories["standard"]
+    for path in (repository, *repository.rglob("*")):
+        mode = path.stat().st_mode
+        assert mode & (0o555 if path.is_dir() else 0o444) == (0o555 if path.is_dir() else 0o444), (path, oct(mode))
