@@ -34,12 +34,18 @@ def stream_item(response: caption_pb2.CaptionStreamResponse) -> tuple[int, Capti
     return index, CaptionResult.from_pb(response.response)
 
 
+# What the server answers when it could not start a call at all: safe to send again.
+RETRYABLE = ("UNAVAILABLE", "CANCELLED")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of calls answered UNAVAILABLE (the server restarting, or no inference server ready), done by gRPC
-    itself: up to `max_attempts` attempts in all (gRPC allows at most 5), waiting a random time up to the current
-    backoff before each (jitter), the backoff growing from `initial_backoff` by `backoff_multiplier` up to
-    `max_backoff` seconds; never past the call's deadline. Captions are idempotent, so a retry is safe.
+    """Retries of calls answered UNAVAILABLE (the server restarting, or no inference server ready) or CANCELLED by
+    the server (a call that reached a gateway as it began to stop: gRPC's server cancels what it has not started;
+    a call the caller itself cancels is never retried), done by gRPC itself: up to `max_attempts` attempts in all
+    (gRPC allows at most 5), waiting a random time up to the current backoff before each (jitter), the backoff
+    growing from `initial_backoff` by `backoff_multiplier` up to `max_backoff` seconds; never past the call's
+    deadline. Captions are idempotent, so a retry is safe.
     """
 
     max_attempts: int = 4
@@ -61,7 +67,7 @@ class RetryPolicy:
                 "initialBackoff": f"{self.initial_backoff}s",
                 "maxBackoff": f"{self.max_backoff}s",
                 "backoffMultiplier": self.backoff_multiplier,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": list(RETRYABLE),
             },
         }]})
 

@@ -154,11 +154,14 @@ def test_mutual_tls_api_keys_a_full_server_and_sigterm_under_load(repositories, 
         assert len(outcomes) == 8 and refused and len(refused) <= 4
         assert all(isinstance(o, ResourceExhaustedError) or o.text for o in outcomes)
 
-        # SIGTERM while calls are in flight: every call is answered, in-flight ones with their captions.
+        # SIGTERM while calls are in flight: every call is answered, in-flight ones with their captions, the others
+        # UNAVAILABLE. With the SDK's default policy: a call that reaches the gateway just as it begins to stop can be
+        # cancelled by gRPC's server before it runs (a bare CANCELLED, seen once under a full suite's load with
+        # retry=None); the SDK sends it again, and it is then refused, UNAVAILABLE.
         answered, started, stop = [], [], threading.Event()
 
         def load():
-            with CaptionClient(serve.address, api_key="k1", retry=None, timeout=120, **tls) as client:
+            with CaptionClient(serve.address, api_key="k1", timeout=120, **tls) as client:
                 while not stop.is_set():
                     started.append(1)
                     try:

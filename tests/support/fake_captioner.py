@@ -49,4 +49,8 @@ class FakeCaptioner(Captioner):
             self.flaky = getattr(self, "flaky", 0) + 1
             if self.flaky <= int(job.prompt[6:]):
                 raise errors.Unavailable("the inference server is restarting")
+        if job.prompt.startswith("cancelled:"):  # CANCELLED by the server for the first N calls with this prompt
+            self.cancelled = getattr(self, "cancelled", 0) + 1
+            if self.cancelled <= int(job.prompt[10:]):
+                raise errors.Cancelled("the server cancelled the call")
         return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]

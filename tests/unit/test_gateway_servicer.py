@@ -359,6 +359,36 @@ def test_the_sdk_retries_unavailable_within_its_policy(served):
         RetryPolicy(max_attempts=6)
 
 
+def test_the_sdk_retries_a_call_the_server_cancelled_but_never_one_its_caller_cancelled(served):
+    """A server that begins to stop cancels the calls it has not started (gRPC's server): the call never ran,
+    so it is sent again, within the policy. A call its caller cancels is never sent again (gRPC's rule)."""
+    import asyncio
+
+    from blip_client import AsyncCaptionClient, CancelledError, RetryPolicy
+
+    gateway, captioner = served
+    quick = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    with CaptionClient(gateway.address, retry=quick) as client:
+        assert client.caption(IMAGE, prompt="cancelled:2").text.startswith("cancelled:2")
+    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="CANCELLED") == 2
+    captioner.cancelled = 0
+    with CaptionClient(gateway.address, retry=None) as client, pytest.raises(CancelledError):
+        client.caption(IMAGE, prompt="cancelled:1")
+
+    async def cancel_while_held() -> int:
+        async with AsyncCaptionClient(gateway.address, retry=quick) as client:
+            call = asyncio.ensure_future(client.caption(IMAGE, prompt="slow"))
+            while not any(job.prompt == "slow" for job, _ in captioner.seen):
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.sleep(0.3)  # time enough for a retry, were there one
+            return sum(job.prompt == "slow" for job, _ in captioner.seen)
+
+    assert asyncio.run(cancel_while_held()) == 1
+
+
 def test_large_images_wait_for_room_in_the_bytes_in_flight_budget():
     captioner = FakeCaptioner(GatewayLimits(max_image_bytes_in_flight=len(IMAGE) + 10))
     gateway = BackgroundGateway(captioner)
