@@ -34,7 +34,6 @@ SERVER_FLAGS = (
     "--strict-readiness=true",
     # Our configs are complete: no stub is started (importing torch or ONNX Runtime) to complete them first.
     "--disable-auto-complete-config",
-    f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
     # Triton keeps up to 8 finished calls' request/response messages for reuse (default), and a message keeps the
     # capacity of the largest image it ever carried: up to 8 x --max-image-bytes held for good (found as fully
     # resident 17-35 MB mappings in an idle server after a soak). Reuse none.
@@ -69,9 +68,11 @@ def onnxruntime_thread_flags(cores: int) -> list[str]:
             "--backend-config=onnxruntime,inter_op_thread_count=1"]
 
 
-def server_flags(admin_key: str, cores: int) -> list[str]:
-    """Every flag a Triton of ours runs with, addresses, ports and paths aside."""
-    return [*SERVER_FLAGS, *restricted_flags(admin_key), *onnxruntime_thread_flags(cores)]
+def server_flags(admin_key: str, cores: int, exit_timeout: int = EXIT_TIMEOUT_SECONDS) -> list[str]:
+    """Every flag a Triton of ours runs with, addresses, ports and paths aside. `exit_timeout`: seconds Triton may
+    take to finish the requests in flight when it is told to stop."""
+    return [*SERVER_FLAGS, f"--exit-timeout-secs={exit_timeout}", *restricted_flags(admin_key),
+            *onnxruntime_thread_flags(cores)]
 
 
 def main(argv: list[str] | None = None) -> None:
