@@ -17,21 +17,44 @@ per-model statistics (mean batch, queue and compute time); the decoder's time pe
 bandwidth floor; the memory of every server process against the weights' bytes; and whether a short caption
 overtakes a long one. Captions of the fp32 service are checked against transformers'; those of other precisions
 are compared with fp32's. It writes results.json, results.md and throughput.png (throughput against concurrency).
+
+Before anything else runs it measures this machine's floor for a caption (`floor`: matrix-product rates on the
+vision encoder's shapes, ONNX Runtime and torch, fp32 and int8, and the memory read bandwidth, all in
+`results["floor"]`), and reports every service row of fp32 and int8 against the floor of its precision:
+
+- `floor_s_per_caption`: the floor of one caption (the encoder's and the decoder's parts in the precision's
+  `floor`);
+- `latency_vs_floor`: p50 latency / floor, one caption against one caption's floor;
+- `throughput_vs_floor`: seconds per caption (wall time / captions) / floor; at concurrency above one captions
+  overlap and share their decode steps' weight reads, so this may go below what the latency's ratio shows;
+- where the rest goes: the encoder's and the decoder's compute per caption (Triton's statistics, the CPU turn's
+  wait included) against their parts of the floor (`encoder_vs_floor`, `decoder_vs_floor`), and
+  `other_s_per_caption`, the mean latency less the three models' mean compute per caption (queues, transport,
+  the gateway; at concurrency above one, the other captions' compute a caption waits through too).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from blip_server.bench.floor import (
+    PRECISIONS,
+    CaptionFloor,
+    Machine,
+    VisionArchitecture,
+    caption_floor,
+    measure_machine,
+    summary,
+)
 
 
 @dataclass(frozen=True)
@@ -45,17 +68,6 @@ class Settings:
     batch_sizes: tuple[int, ...]  # transformers' batches to try; the best is reported
     threads: int
     overtaking: bool  # measure a short request sent 3 s after a long one
-
-
-def memory_bandwidth(gib: float = 1.0) -> float:
-    """Bytes per second this machine reads: a numpy sum over `gib` GiB, the best of three."""
-    data = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - started)
-    return data.nbytes / best
 
 
 def _scenes(count: int, seed: int = 7) -> list[bytes]:
@@ -75,7 +87,8 @@ def _progress(row: dict) -> dict:
 
 def _row(name: str, seconds: float, latencies: list[float], captions: int, **extra) -> dict:
     return {"name": name, "captions": captions, "seconds": seconds, "captions_per_second": captions / seconds,
-            "seconds_per_caption": seconds / captions, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "seconds_per_caption": seconds / captions, "mean_ms": 1000 * float(np.mean(latencies)),
+            "p50_ms": 1000 * float(np.percentile(latencies, 50)),
             "p99_ms": 1000 * float(np.percentile(latencies, 99)), **extra}
 
 
@@ -180,16 +193,7 @@ def _weights_bytes(repository: Path) -> int:
     return sum(f.stat().st_size for f in files if f.exists())
 
 
-def _step_weight_bytes(repository: Path, int8: bool) -> int:
-    """Bytes of weights a decode step reads: every linear layer but the cross-attention key/value projections."""
-    config = json.loads((repository / "text_decoder" / "1" / "decoder_config.json").read_text())
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    per_layer = 3 * h * h + h * h + h * h + h * h + 2 * h * i  # qkv, self out, cross q, cross out, ffn in/out
-    parameters = config["num_hidden_layers"] * per_layer + h * h + h * v
-    return parameters * (1 if int8 else 4)
-
-
-def run_service(settings: Settings, repository: Path, precision: str, images: list[bytes], bandwidth: float) -> dict:
+def run_service(settings: Settings, repository: Path, precision: str, images: list[bytes], machine: Machine) -> dict:
     import tritonclient.grpc as grpcclient
 
     from blip_client import CaptionClient, GenerationOptions
@@ -197,6 +201,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
     from blip_server.processes import ServeProcess, process_name
 
     options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
+    floor = caption_floor(repository, precision, machine, settings.tokens) if precision in PRECISIONS else None
     rows, texts = [], {}
     with tempfile.TemporaryDirectory() as cache:
         serve = ServeProcess("--model", str(repository), "--max-concurrent-requests", "1024", cache=Path(cache))
@@ -225,12 +230,9 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                     after = {m: _stats(triton, m) for m in before}
                     row["models"] = {m: _delta(after[m], before[m]) for m in before}
                     row.update(_cpu_per_caption(cpu_after, cpu_before, gateway, len(images)))
-                    decoder = row["models"]["text_decoder"]
-                    floor = settings.tokens * _step_weight_bytes(repository, precision == "int8") / bandwidth
-                    steps_per_caption = max(1.0, decoder["executions"] / len(images))
-                    row["decoder_s_per_caption"] = decoder["compute_s"] / len(images)
-                    # A step reads the weights once for every request in it: its floor is shared by them.
-                    row["decoder_floor_s_per_caption"] = floor / settings.tokens * steps_per_caption
+                    row["decoder_s_per_caption"] = row["models"]["text_decoder"]["compute_s"] / len(images)
+                    if floor is not None:
+                        row.update(_against_floor(row, floor))
                     rows.append(_progress(row))
                     texts[(route, concurrency)] = answers
             peak.stop()
@@ -244,7 +246,31 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
             raise RuntimeError(f"blip-serve exited {code}:\n{log[-4000:]}")
     return {"rows": rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
             "weights_bytes": _weights_bytes(repository),
-            "overtaking": overtaking}
+            "overtaking": overtaking, "floor": _floor_fields(floor) if floor else None}
+
+
+def _floor_fields(floor: CaptionFloor) -> dict:
+    return {**asdict(floor), "total_s": floor.total_s}
+
+
+def _against_floor(row: dict, floor: CaptionFloor) -> dict:
+    """A row against one caption's floor. The models' compute per caption is Triton's compute time (which includes
+    waiting for the CPU turn) over the captions; `other_s_per_caption`, the mean latency less the three models'
+    compute per caption (means both, so that they subtract): queues, transport, the gateway, and at concurrency
+    above one the other captions' compute a caption waits through."""
+    captions, models = row["captions"], row["models"]
+    compute = {m: models[m]["compute_s"] / captions for m in ("preprocess", "vision_encoder", "text_decoder")}
+    steps_per_caption = max(1.0, models["text_decoder"]["executions"] / captions)
+    latency = row["p50_ms"] / 1000
+    return {"floor_s_per_caption": floor.total_s, "latency_vs_floor": latency / floor.total_s,
+            "throughput_vs_floor": row["seconds_per_caption"] / floor.total_s,
+            "preprocess_s_per_caption": compute["preprocess"],
+            "encoder_s_per_caption": compute["vision_encoder"],
+            "encoder_vs_floor": compute["vision_encoder"] / floor.encoder_s,
+            "decoder_vs_floor": compute["text_decoder"] / floor.decoder_s,
+            # A step reads the weights once for every request in it: its floor is shared by them.
+            "decoder_floor_s_per_caption": floor.decoder_s / floor.tokens * steps_per_caption,
+            "other_s_per_caption": row["mean_ms"] / 1000 - sum(compute.values())}
 
 
 class _PeakMemory:
@@ -294,18 +320,19 @@ def run(settings: Settings) -> dict:
     from blip_server.export import ExportOptions, export_checkpoint
 
     images = _scenes(settings.images)
-    bandwidth = memory_bandwidth()
+    architecture = VisionArchitecture.from_checkpoint(settings.checkpoint)
+    machine = measure_machine(architecture, settings.threads)  # before anything else loads the cores
     transformers = Transformers(settings)
     baseline, reference = run_transformers(transformers, settings, images)
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
-               "cpu_threads": settings.threads, "memory_bandwidth_gb_s": bandwidth / 1e9,
-               "transformers": baseline, "service": {}}
+               "cpu_threads": settings.threads, "memory_bandwidth_gb_s": machine.bandwidth / 1e9,
+               "floor": summary(machine, architecture), "transformers": baseline, "service": {}}
     texts = {}
     with tempfile.TemporaryDirectory() as work:
         for precision in settings.precisions:
             repository = Path(work) / precision
             export_checkpoint(settings.checkpoint, repository, ExportOptions(precision=precision))
-            service = run_service(settings, repository, precision, images, bandwidth)
+            service = run_service(settings, repository, precision, images, machine)
             texts[precision] = service.pop("texts")
             results["service"][precision] = service
     # The machine may have sped up or slowed down while the service ran: transformers one by one again, at the end,

@@ -37,11 +37,12 @@ def markdown(results: dict) -> str:
                 continue
             cells = [f"batch {m['mean_batch']:.1f}, queue {m['mean_queue_ms']:.0f} ms, compute "
                      f"{m['compute_ms_per_execution']:.0f} ms" for m in row["models"].values()]
-            floor = row["decoder_floor_s_per_caption"]
-            lines.append(f"| {row['name']} | {' | '.join(cells)} | {row['decoder_s_per_caption']:.3f} | "
-                         f"{floor:.3f} | {row['decoder_s_per_caption'] / floor:.1f}x | "
+            floor = row.get("decoder_floor_s_per_caption")
+            against = f"{floor:.3f} | {row['decoder_s_per_caption'] / floor:.1f}x" if floor else " | "
+            lines.append(f"| {row['name']} | {' | '.join(cells)} | {row['decoder_s_per_caption']:.3f} | {against} | "
                          f"{row['server_cpu_s_per_caption']:.3f} | {row['gateway_cpu_s_per_caption'] * 1e3:.1f} | "
                          f"{row['gateway_cpu_share']:.2%} |")
+    lines += _against_floor(results)
     lines += ["", "| precision | server memory at rest (PSS, MB) | peak under load | weights MB | ratio at rest | "
                   "ratio at peak | short request overtakes long |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for precision, service in results["service"].items():
@@ -55,6 +56,50 @@ def markdown(results: dict) -> str:
         lines.append(f"| {precision} | {total:.0f} | {peak:.0f} | {weights:.0f} | {total / weights:.2f}x | "
                      f"{peak / weights:.2f}x | {over} |")
     return "\n".join(lines)
+
+
+def _rates(floor: dict) -> str:
+    """One line: each backend's best rate in each precision on each shape, and the bandwidth."""
+    best: dict[tuple[str, str, str], dict] = {}
+    for rate in floor["rates"]:
+        key = (rate["shape"], rate["precision"], rate["backend"])
+        if key not in best or rate["gflop_per_s"] > best[key]["gflop_per_s"]:
+            best[key] = rate
+    shapes: dict[str, list[str]] = {}
+    for (shape, precision, backend), r in best.items():
+        how = f" ({r['how']})" if (precision, backend) == ("int8", "onnxruntime") else ""
+        shapes.setdefault(f"{shape} [{r['rows']}x{r['inner']}]x[{r['inner']}x{r['cols']}]", []).append(
+            f"{precision} {backend} {r['gflop_per_s']:.0f}{how}")
+    skipped = f"; not measured: {'; '.join(floor['skipped'])}" if floor["skipped"] else ""
+    measured = "; ".join(f"{shape}: " + ", ".join(cells) for shape, cells in shapes.items())
+    others = floor.get("others_busy")
+    busy = (f"; other processes used {others:.0%} of the cores meanwhile (they slow what is measured, and raise "
+            f"the floor)" if others is not None else "")
+    return (f"Measured first, {floor['threads']} threads, GFLOP/s: {measured}; memory read "
+            f"{floor['memory_bandwidth_gb_s']:.1f} GB/s{skipped}{busy}.")
+
+
+def _against_floor(results: dict) -> list[str]:
+    """Every service row against this machine's floor for a caption of its precision (see `floor`)."""
+    if "floor" not in results:
+        return []
+    lines = ["", "Against this machine's floor for one caption (the encoder's FLOPs at the best matrix-product rate "
+                 "measured, plus one read of the decoder's step weights a token at the read bandwidth; see "
+                 "`blip_server.bench.floor`); the models' compute per caption from Triton's statistics, against "
+                 "their parts of the floor; other: the mean latency less the models' compute.", "",
+             _rates(results["floor"]), "",
+             "| run | floor s (encoder + decoder) | p50 latency / floor | s per caption / floor | "
+             "encoder s per caption (vs floor) | decoder s per caption (vs floor) | other s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for service in results["service"].values():
+        floor = service.get("floor")
+        for row in service["rows"] if floor else []:
+            lines.append(f"| {row['name']} | {floor['total_s']:.3g} ({floor['encoder_s']:.3g} + "
+                         f"{floor['decoder_s']:.3g}) | {row['latency_vs_floor']:.1f}x | "
+                         f"{row['throughput_vs_floor']:.1f}x | {row['encoder_s_per_caption']:.3g} "
+                         f"({row['encoder_vs_floor']:.1f}x) | {row['decoder_s_per_caption']:.3g} "
+                         f"({row['decoder_vs_floor']:.1f}x) | {row['other_s_per_caption']:.3g} |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
