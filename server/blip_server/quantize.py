@@ -1,8 +1,11 @@
 """Lower-precision vision encoders: fp16 for GPUs, int8 for CPUs, each checked against the fp32 encoder.
 
 - fp16: weights and arithmetic in fp16 (`onnxruntime.transformers.float16`), inputs and outputs fp32;
-- int8 `dynamic`: linear layers' weights quantised per channel ahead of time, activations at run time
-  (`onnxruntime.quantization.quantize_dynamic`). Which layers stay fp32 is measured, not guessed: the plans
+- int8 `dynamic`: linear layers' weights quantised per channel ahead of time (`onnxruntime.quantization.
+  quantize_dynamic`), activations at run time with one scale per row (per image token; `per_row_activations`):
+  ONNX's DynamicQuantizeLinear takes one scale for the whole tensor, every image of a batched run included, so
+  an image's embeddings (and its captions) depended on the images that shared its run. Which layers stay fp32
+  is measured, not guessed: the plans
   in `DYNAMIC_PLANS` keep more and more of them fp32, and the first whose outputs reach `TARGET_COSINE` to
   fp32 is kept (else the closest). On the BLIP-large architecture, quantising everything gives 0.99887 and
   keeping the MLP output layers (`fc2`) of the first quarter of the layers fp32 gives 0.99903, at the same
@@ -88,9 +91,87 @@ def _linear_layers(path: Path) -> dict[str, tuple[int, str]]:
     return found
 
 
+def per_row_activations(model) -> int:
+    """Rewrite every DynamicQuantizeLinear of a `quantize_dynamic` graph (one scale and zero point for the whole
+    tensor) to quantise each row over its last axis with a scale of its own: symmetric, max |x| -> 127, stored
+    as uint8 with the zero point 128 that MatMulInteger takes as a scalar. The integer product is exact, so a
+    row's output depends on that row alone. Returns how many were rewritten.
+
+    The row scales multiply each product's float output after the per-tensor scales: ONNX Runtime fuses
+    MatMulInteger + Cast + Mul(activation scale x weight scale) into MatMulIntegerToFloat, which reads the
+    activation scale as one number (given rows' scales there, it applied the first row's to every row: the demo
+    encoder's cosine to fp32 fell to 0.52). So the quantiser's scale becomes 1, and a Mul by the rows' scales
+    follows each product. (Exactness assumes a CPU whose u8 x s8 kernels accumulate in 32 bits, as AVX-512
+    VNNI's and AVX-VNNI's do; ONNX Runtime's AVX2-only kernels saturate 16-bit pair sums.)
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    # ReduceMax takes its axes as an input from opset 18, as an attribute before
+    reduce = ({"inputs": ["per_row_axes"], "attributes": {}} if opset >= 18
+              else {"inputs": [], "attributes": {"axes": [-1]}})
+    constants = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "per_row_axes")] if opset >= 18 else []
+    constants += [
+        numpy_helper.from_array(np.array(127.0, dtype=np.float32), "per_row_levels"),
+        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "per_row_smallest"),
+        numpy_helper.from_array(np.array(128.0, dtype=np.float32), "per_row_offset"),
+        numpy_helper.from_array(np.array(128, dtype=np.uint8), "per_row_zero_point"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "per_row_unit_scale"),
+    ]
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only(name: str, op_type: str):
+        found = [n for n in consumers.get(name, []) if n.op_type == op_type]
+        if len(found) != 1:
+            raise ValueError(f"per_row_activations: expected one {op_type} reading {name!r}, found {len(found)}")
+        return found[0]
+
+    nodes, rescale, rewritten = [], {}, 0  # rescale: a product's output -> the rows' scales that multiply it
+    for node in model.graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        rewritten += 1
+        x, (quantised, scale, zero_point) = node.input[0], node.output
+        p = node.name + "_per_row"
+        nodes += [
+            helper.make_node("Abs", [x], [p + "_abs"], name=p + "_abs"),
+            helper.make_node("ReduceMax", [p + "_abs", *reduce["inputs"]], [p + "_max"], name=p + "_max", keepdims=1,
+                             **reduce["attributes"]),
+            helper.make_node("Max", [p + "_max", "per_row_smallest"], [p + "_range"], name=p + "_range"),
+            helper.make_node("Div", [p + "_range", "per_row_levels"], [p + "_scale"], name=p + "_scale"),
+            helper.make_node("Div", [x, p + "_scale"], [p + "_scaled"], name=p + "_scaled"),
+            helper.make_node("Round", [p + "_scaled"], [p + "_rounded"], name=p + "_rounded"),
+            helper.make_node("Add", [p + "_rounded", "per_row_offset"], [p + "_shifted"], name=p + "_shifted"),
+            helper.make_node("Cast", [p + "_shifted"], [quantised], name=p + "_cast", to=TensorProto.UINT8),
+            helper.make_node("Identity", ["per_row_zero_point"], [zero_point], name=p + "_zero_point"),
+            helper.make_node("Identity", ["per_row_unit_scale"], [scale], name=p + "_unit_scale"),
+        ]
+        for product in consumers.get(quantised, []):
+            if product.op_type != "MatMulInteger":
+                raise ValueError(f"per_row_activations: {product.name!r} ({product.op_type}) reads {quantised!r}")
+            output_mul = only(only(product.output[0], "Cast").output[0], "Mul")
+            rescale[output_mul.output[0]] = p + "_scale"
+    for node in list(nodes):
+        for i, name in enumerate(node.output):
+            if name in rescale:
+                node.output[i] = name + "_before_row_scales"
+                nodes.insert(nodes.index(node) + 1, helper.make_node(
+                    "Mul", [node.output[i], rescale[name]], [name], name=name + "_row_scales"))
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(constants)
+    return rewritten
+
+
 def quantize_int8(path: Path, method: str, calibration: np.ndarray, cosine) -> tuple[float, str]:
     """Quantise the fp32 encoder at `path` to int8 in place; `cosine(candidate path)` measures a candidate
     against fp32. Returns (its cosine, what stayed fp32)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if method not in INT8_METHODS:
@@ -118,6 +199,9 @@ def quantize_int8(path: Path, method: str, calibration: np.ndarray, cosine) -> t
             quantize_dynamic(str(path), str(candidate), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"],
                              nodes_to_exclude=[n for n, (layer, kind) in linear.items() if keep(layer, kind, layers)])
+            quantised = onnx.load(str(candidate))
+            per_row_activations(quantised)
+            onnx.save(quantised, str(candidate))
             measured = cosine(candidate)
             log.info("int8 plan %r: smallest cosine similarity to fp32 %.6f", plan, measured)
             if best is None or measured > best[0]:

@@ -181,8 +181,8 @@ def test_fp16_captions_against_transformers_fp16_and_our_fp32(random_models):
 
 
 def _our_log_probs(decoder: BlipTextDecoder, embeds: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
-    """Teacher-forced: the next-token log-probabilities after every prefix of every caption, by one prefill of
-    all prefixes (prompts of different lengths, right-padded and masked: the path of mixed-length prompts)."""
+    """Teacher-forced: the next-token log-probabilities after every prefix of every caption, by one step that feeds
+    all prefixes as prompts (prompts of different lengths, right-padded and masked: the path of mixed-length prompts)."""
     prompts = [c[:n] for c in captions for n in range(1, len(c))]
     images = torch.repeat_interleave(torch.arange(len(captions)), torch.tensor([len(c) - 1 for c in captions]))
     with torch.inference_mode():
@@ -190,11 +190,11 @@ def _our_log_probs(decoder: BlipTextDecoder, embeds: torch.Tensor, captions: lis
         cache.ensure(len(prompts), 1, embeds.shape[1], max(len(p) for p in prompts))
         slots = torch.arange(len(prompts))
         decoder.store_images(cache, slots, embeds[images])
-        return torch.log_softmax(decoder.prefill(cache, slots, prompts, embeds.shape[1]), dim=-1)
+        return torch.log_softmax(decoder.step(cache, 0, slots, prompts), dim=-1)
 
 
 def _our_step_log_probs(decoder: BlipTextDecoder, embeds: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
-    """The same, step by step: BOS prefilled, then one token a step through the keys/values cache (the path
+    """The same, step by step: BOS fed as the prompt, then one token a step through the keys/values cache (the path
     of every token after the prompt), rows past their caption's end fed padding and not read."""
     count, longest = len(captions), max(len(c) for c in captions)
     with torch.inference_mode():
@@ -202,11 +202,11 @@ def _our_step_log_probs(decoder: BlipTextDecoder, embeds: torch.Tensor, captions
         cache.ensure(count, 1, embeds.shape[1], longest)
         slots = torch.arange(count)
         decoder.store_images(cache, slots, embeds)
-        steps = [decoder.prefill(cache, slots, [c[:1] for c in captions], embeds.shape[1])]
+        steps = [decoder.step(cache, 0, slots, [c[:1] for c in captions])]
         for t in range(1, longest - 1):
             cache.next_tokens[:count] = torch.tensor([c[t] if t < len(c) else decoder.config.pad_token_id
                                                       for c in captions])
-            steps.append(decoder.decode(cache, count, embeds.shape[1]))
+            steps.append(decoder.step(cache, count, slots[:0], []))
         return torch.cat([torch.log_softmax(torch.stack([steps[t][i] for t in range(len(c) - 1)]), dim=-1)
                           for i, c in enumerate(captions)])
 

@@ -37,6 +37,21 @@ _ACTIVATIONS = {
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
+# Batch invariance: a row's arithmetic must not depend on what else is in flight, so every kernel sees shapes that
+# give each row the same reduction order whatever the other rows are (measured on torch's CPU kernels, tested:
+# tests/unit/test_batch_invariance.py):
+# - attention reads a multiple of _COLUMNS columns: the masked columns past a row's length weigh exactly 0, and
+#   whole blocks of 16 zeros (AVX-512's floats per vector) leave the vectorised sums of softmax and of the
+#   weighted values bit for bit as they were; any other padding changes their last bits;
+# - attention to an image has at least _MIN_QUERIES queries a slot (MKL's batched matmul takes another kernel
+#   below 4 rows), and a linear layer at least two rows (oneDNN's takes another kernel for one; see `Linear`).
+# - torch multiplies batched matrices with fewer than _MATMUL_SMALL multiply-adds each in a loop of its own, with
+#   another order than its matmul kernel's: a decoding row's single query is given enough columns to stay clear
+#   of it (BLIP's heads of 64 need no more than 16; a test checkpoint's heads of 16 need 32).
+_COLUMNS = 16
+_MIN_QUERIES = 4
+_MATMUL_SMALL = 400
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -152,6 +167,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
+            if x.numel() == x.shape[-1]:  # one row: padded to two (see the class's docstring)
+                return torch.ops.mkldnn._linear_pointwise(x.expand(*x.shape[:-2], 2, x.shape[-1]), self.w, self.b,
+                                                          "none", [], "")[..., :1, :]
             return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         shape = x.shape
         y = torch.addmm(self.b, x.reshape(-1, shape[-1]), self.w)
@@ -169,19 +187,31 @@ def _packable(weight: torch.Tensor) -> bool:
 
 
 class Int8Linear:
-    """A linear layer with int8 weights (per output channel) and activations quantised at run time:
-    torch's dynamically quantised Linear (fbgemm on x86), a quarter of the fp32 weight bytes to read."""
+    """A linear layer in int8: weights quantised per output channel ahead of time, each row of activations
+    quantised with its own scale at run time (symmetric, max |x| -> 127), multiplied in integers, rescaled.
+
+    Per row, not per tensor: with one scale for all the rows of a step (torch's dynamically quantised Linear),
+    a request's arithmetic depended on the other requests in the step, and its captions on the traffic. Here
+    the integer product is exact whatever kernel or batch computes it, so a row's output depends on that row
+    alone. A quarter of the float32 weight bytes to read; measured on BLIP-large's step weights, 2 threads:
+    14 ms at 3 rows and 27 ms at 24, against 25 and 50 in float32 (torch's per-tensor Linear: 8 and 21).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        qweight = torch.quantize_per_channel(weight.float(), scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                             torch.qint8)
-        self.module = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0])
-        self.module.set_weight_bias(qweight, bias.float())
-        self.nbytes = weight.numel() + bias.numel() * 4
+        weight = weight.float()
+        self.scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        # [in, out] as a transposed view of [out, in]: the layout torch._int_mm reads fastest here.
+        self.qweight_t = torch.round(weight / self.scales[:, None]).clamp(-127, 127).to(torch.int8).t()
+        self.b = bias.float()
+        self.nbytes = weight.numel() + bias.numel() * 4 + self.scales.numel() * 4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        row_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        quantised = torch.round(x / row_scales).to(torch.int8)
+        y = torch._int_mm(quantised, self.qweight_t).float() * (row_scales * self.scales) + self.b
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 @dataclass
@@ -247,7 +277,8 @@ class RowCache:
             return
         new_slots = max(_doubled(slots, self.slots), 1)
         new_width = max(width, self.width)
-        new_columns = min(self.max_columns, _doubled(columns, self.columns))
+        # A multiple of _COLUMNS, which attention reads (past max_columns when that is not one).
+        new_columns = _padded_columns(min(self.max_columns, _doubled(columns, self.columns)), self.config.head_size)
         old_rows = torch.arange(self.rows, device=self.device)
         new_rows = (old_rows // self.width) * new_width + old_rows % self.width
         shape = list(self.kv.shape)
@@ -396,98 +427,118 @@ class BlipTextDecoder:
             cache.image_keys[i][slots, :, :tokens] = self._split_heads(k)
             cache.image_values[i][slots, :, :tokens] = self._split_heads(v)
 
-    def _cross_attend(self, q: torch.Tensor, cache: RowCache, layer: int, slots: int, image_tokens: int,
-                      slot_ids: torch.Tensor | None) -> torch.Tensor:
-        """q [slots * width, heads, T, head]: each slot's rows attend to its image, as extra query positions."""
-        heads, t, size = q.shape[1], q.shape[2], q.shape[3]
-        width = q.shape[0] // slots
+    def _cross_attend(self, q: torch.Tensor, cache: RowCache, layer: int, slots: torch.Tensor | None,
+                      image_tokens: int) -> torch.Tensor:
+        """q [S, heads, Q, head]: the Q queries of each of S slots attend to the slot's image (slots None: the
+        first S slots). Fewer than `_MIN_QUERIES` queries a slot are padded (see `_MIN_QUERIES`)."""
+        count, queries = q.shape[0], q.shape[2]
         keys, values = cache.image_keys[layer], cache.image_values[layer]
-        if slot_ids is None:
-            k, v = keys[:slots, :, :image_tokens], values[:slots, :, :image_tokens]
+        if slots is None:
+            k, v = keys[:count, :, :image_tokens], values[:count, :, :image_tokens]
         else:
-            k, v = keys[slot_ids, :, :image_tokens], values[slot_ids, :, :image_tokens]
-        grouped = q.view(slots, width, heads, t, size).transpose(1, 2).reshape(slots, heads, width * t, size)
-        out = self._attend(grouped, k, v, None)
-        return out.view(slots, heads, width, t, size).transpose(1, 2).reshape(slots * width, heads, t, size)
-
-    def _layers(self, x, write, attend_self, cross):
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(x).split(self.config.hidden_size, dim=-1)
-            keys, values = write(i, self._split_heads(k), self._split_heads(v))
-            context = attend_self(self._split_heads(q), keys, values)
-            x = self._layer_norm(layer.self_out(self._merge_heads(context)) + x, layer.self_ln)
-            q = self._split_heads(layer.cross_q(x))
-            x = self._layer_norm(layer.cross_out(self._merge_heads(cross(q, i))) + x, layer.cross_ln)
-            hidden = self._act(layer.ffn_in(x))
-            x = self._layer_norm(layer.ffn_out(hidden) + x, layer.ffn_ln)
-        return x
+            k, v = keys[slots, :, :image_tokens], values[slots, :, :image_tokens]
+        if queries < _MIN_QUERIES:
+            q = F.pad(q, (0, 0, 0, _MIN_QUERIES - queries))
+        return self._attend(q, k, v, None)[:, :, :queries]
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         last = self._layer_norm(self._act(self.head(last)), self.head_ln)
         return self.lm(last).float()  # selection runs in fp32 whatever the weights' dtype
 
-    # -- the forward passes ----------------------------------------------------------------------------------
+    # -- the forward pass ------------------------------------------------------------------------------------
 
-    def decode(self, cache: RowCache, rows: int, image_tokens: int) -> torch.Tensor:
-        """Feed each row's next token at its length; returns [rows, vocab] logits. Every row of the first
-        rows // width slots takes part (rows without a request compute garbage that nobody reads)."""
-        lengths = cache.lengths[:rows]
-        tokens = cache.next_tokens[:rows]
-        columns = int(lengths.max()) + 1
-        x = F.embedding(tokens[:, None], self.word_embeddings) + F.embedding(lengths[:, None], self.position_embeddings)
-        x = self._layer_norm(x, self.embedding_ln)
-        mask = torch.zeros((rows, columns), device=self.device, dtype=self.dtype)
-        mask.masked_fill_(torch.arange(columns, device=self.device)[None, :] > lengths[:, None],
-                          torch.finfo(self.dtype).min)
-        mask = mask[:, None, None, :]
-        row_index = torch.arange(rows, device=self.device)
+    def step(self, cache: RowCache, rows: int, slots: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+        """One forward over the weights for everything in flight: each of the first `rows` rows feeds its next
+        token at its length (rows without a request compute garbage that nobody reads), and each joining
+        request feeds its prompt into the first row of its slot (`slots`, whose images are stored). Returns
+        [rows + len(prompts), vocab]: each row's logits, then those of each prompt's last token.
 
-        def write(i, k, v):
-            cache.kv[lengths, 2 * i, row_index] = k[:, :, 0]
-            cache.kv[lengths, 2 * i + 1, row_index] = v[:, :, 0]
-            return (cache.kv[:columns, 2 * i, :rows].permute(1, 2, 0, 3),
-                    cache.kv[:columns, 2 * i + 1, :rows].permute(1, 2, 0, 3))
-
-        def attend_self(q, keys, values):
-            return self._attend(q, keys, values, mask)
-
-        slots = rows // cache.width
-        x = self._layers(x, write, attend_self, lambda q, i: self._cross_attend(q, cache, i, slots, image_tokens, None))
-        cache.tokens[row_index, lengths] = tokens
-        cache.lengths[:rows] += 1
-        return self._logits(x[:, -1])
-
-    def prefill(self, cache: RowCache, slots: torch.Tensor, prompts: list[list[int]],
-                image_tokens: int) -> torch.Tensor:
-        """Feed each new request's prompt into the first row of its slot; returns [len(prompts), vocab] logits of
-        each prompt's last token. Prompts of different lengths are right-padded and masked."""
+        Decoding rows and prompt tokens share every linear layer (the weights are read once a step); each part
+        attends with its own shapes, padded so that no row's arithmetic depends on the others (see `_COLUMNS`).
+        """
+        d = self.device
+        lengths, tokens = cache.lengths[:rows], cache.next_tokens[:rows]
         count = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lengths.max())
-        tokens = torch.full((count, width), self.config.pad_token_id, device=self.device, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = torch.tensor(prompt, device=self.device)
-        positions = torch.arange(width, device=self.device)[None, :].expand(count, width)
-        x = self._layer_norm(F.embedding(tokens, self.word_embeddings) + F.embedding(positions, self.position_embeddings),
-                             self.embedding_ln)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=d, dtype=torch.long)
+        prompt_tokens = torch.tensor([t for p in prompts for t in p], device=d, dtype=torch.long)
+        prompt_positions = torch.cat([torch.arange(len(p), device=d) for p in prompts]) if count else prompt_tokens
+        first_rows = slots * cache.width
+        token_rows = first_rows.repeat_interleave(prompt_lengths) if count else prompt_tokens
+        x = torch.cat([F.embedding(tokens, self.word_embeddings) + F.embedding(lengths, self.position_embeddings),
+                       F.embedding(prompt_tokens, self.word_embeddings)
+                       + F.embedding(prompt_positions, self.position_embeddings)])
+        x = self._layer_norm(x, self.embedding_ln)
         minimum = torch.finfo(self.dtype).min
-        causal = torch.full((width, width), minimum, device=self.device, dtype=self.dtype).triu(1)[None, None]
-        padding = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
-        # In the decoder's dtype: the mask meets the scores, and a float32 mask would promote fp16 scores to
-        # float32 (`bool * float` is float32), whose probabilities then meet the fp16 values.
-        mask = causal.masked_fill(padding[:, None, None, :], minimum)
-        rows = slots * cache.width
+        heads, size = self.config.num_attention_heads, self.config.head_size
 
-        def write(i, k, v):
-            cache.kv[:width, 2 * i, rows] = k.permute(2, 0, 1, 3)
-            cache.kv[:width, 2 * i + 1, rows] = v.permute(2, 0, 1, 3)
-            return k, v
+        # Decoding rows: one query each, over its row's columns.
+        columns = _padded_columns(int(lengths.max()) + 1, size) if rows else 0
+        decode_mask = torch.zeros((rows, columns), device=d, dtype=self.dtype)
+        decode_mask.masked_fill_(torch.arange(columns, device=d)[None, :] > lengths[:, None], minimum)
+        decode_mask = decode_mask[:, None, None, :]
+        row_index = torch.arange(rows, device=d)
+        # Prompts: a [count, width] grid of queries (prompt i's tokens at the start of row i), causal over the
+        # columns of its slot's first row.
+        width = max([_MIN_QUERIES] + [len(p) for p in prompts])
+        prompt_columns = _padded_columns(width)
+        grid = torch.arange(count, device=d).repeat_interleave(prompt_lengths) * width + prompt_positions
+        prompt_mask = torch.full((width, prompt_columns), minimum, device=d, dtype=self.dtype)
+        prompt_mask = prompt_mask.triu(1)[None, None].expand(count, 1, width, prompt_columns)
 
-        def attend_self(q, keys, values):
-            return self._attend(q, keys, values, mask)
+        def to_grid(t: torch.Tensor) -> torch.Tensor:
+            """[tokens, hidden] of the prompts -> [count, heads, width, head] (padding positions zero)."""
+            out = torch.zeros((count * width, t.shape[-1]), device=d, dtype=t.dtype)
+            out[grid] = t
+            return out.view(count, width, heads, size).transpose(1, 2)
 
-        x = self._layers(x, write, attend_self,
-                         lambda q, i: self._cross_attend(q, cache, i, count, image_tokens, slots))
-        cache.tokens[rows, :width] = torch.where(padding, self.config.vocab_size, tokens)
-        cache.lengths[rows] = lengths
-        return self._logits(x[torch.arange(count, device=self.device), lengths - 1])
+        def from_grid(t: torch.Tensor) -> torch.Tensor:
+            return self._merge_heads(t).reshape(count * width, -1)[grid]
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return t[:rows], t[rows:]
+
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x).split(self.config.hidden_size, dim=-1)
+            (q_rows, q_prompts), (k_rows, k_prompts), (v_rows, v_prompts) = split(q), split(k), split(v)
+            context = []
+            if rows:
+                cache.kv[lengths, 2 * i, row_index] = k_rows.view(rows, heads, size)
+                cache.kv[lengths, 2 * i + 1, row_index] = v_rows.view(rows, heads, size)
+                keys = cache.kv[:columns, 2 * i, :rows].permute(1, 2, 0, 3)
+                values = cache.kv[:columns, 2 * i + 1, :rows].permute(1, 2, 0, 3)
+                out = self._attend(q_rows.view(rows, 1, heads, size).transpose(1, 2), keys, values, decode_mask)
+                context.append(self._merge_heads(out).view(rows, -1))
+            if count:
+                cache.kv[prompt_positions, 2 * i, token_rows] = k_prompts.view(-1, heads, size)
+                cache.kv[prompt_positions, 2 * i + 1, token_rows] = v_prompts.view(-1, heads, size)
+                keys = cache.kv[:prompt_columns, 2 * i, first_rows].permute(1, 2, 0, 3)
+                values = cache.kv[:prompt_columns, 2 * i + 1, first_rows].permute(1, 2, 0, 3)
+                context.append(from_grid(self._attend(to_grid(q_prompts), keys, values, prompt_mask)))
+            x = self._layer_norm(layer.self_out(torch.cat(context)) + x, layer.self_ln)
+            q_rows, q_prompts = split(layer.cross_q(x))
+            context = []
+            if rows:
+                grouped = q_rows.view(rows // cache.width, cache.width, heads, size).transpose(1, 2)
+                out = self._cross_attend(grouped, cache, i, None, cache.image_tokens)
+                context.append(self._merge_heads(out).reshape(rows, -1))
+            if count:
+                context.append(from_grid(self._cross_attend(to_grid(q_prompts), cache, i, slots, cache.image_tokens)))
+            x = self._layer_norm(layer.cross_out(torch.cat(context)) + x, layer.cross_ln)
+            hidden = self._act(layer.ffn_in(x))
+            x = self._layer_norm(layer.ffn_out(hidden) + x, layer.ffn_ln)
+
+        if rows:
+            cache.tokens[row_index, lengths] = tokens
+            cache.lengths[:rows] += 1
+        if count:
+            cache.tokens[token_rows, prompt_positions] = prompt_tokens
+            cache.lengths[first_rows] = prompt_lengths
+        last = torch.cat([row_index, rows + torch.cumsum(prompt_lengths, 0) - 1])
+        return self._logits(x[last])
+
+
+def _padded_columns(columns: int, head_size: int = 0) -> int:
+    """Attention over a row's first `columns` columns reads a multiple of `_COLUMNS` of them, and enough that a
+    single query's products take torch's matmul kernel (see `_MATMUL_SMALL`)."""
+    columns = max(columns, -(-_MATMUL_SMALL // head_size) if head_size else 0)
+    return -(-columns // _COLUMNS) * _COLUMNS

@@ -346,17 +346,25 @@ class DecodeLoop:
     # -- one step --------------------------------------------------------------------------------------------
 
     def step(self) -> dict[Hashable, list[Hypothesis]]:
-        """Admit the queued requests, decode one token for every request in flight; returns those that finished."""
+        """Admit the queued requests, decode one token for every request in flight; returns those that finished.
+
+        One forward serves both: the rows in flight feed their next tokens and the new requests their prompts,
+        so a step reads the weights once however many requests join."""
         with torch.inference_mode():
             queued = self._place()
             rows = self._used * self.cache.width
+            decoding = rows if self.requests else 0
+            joining = [r for r, _ in queued]
+            slots = torch.tensor([r.slot for r in joining], device=self.device, dtype=torch.long)
+            if queued:
+                self.decoder.store_images(self.cache, slots, torch.stack([e for _, e in queued]))
+            out = self.decoder.step(self.cache, decoding, slots, [r.prompt for r in joining])
             logits = torch.zeros((rows, self.decoder.config.vocab_size), device=self.device)
-            if self.requests:  # one forward for every row in flight
-                logits = self.decoder.decode(self.cache, rows, self.cache.image_tokens)
-                self.cache.lengths[:rows] *= self._live[:rows]  # rows without a request stay empty
-            if queued:  # the new requests' prompts, in one prefill
-                admitted_rows, prefill_logits = self._prefill(queued)
-                logits[admitted_rows] = prefill_logits
+            logits[:decoding] = out[:decoding]
+            self.cache.lengths[:decoding] *= self._live[:decoding]  # rows without a request stay empty
+            if queued:
+                admitted_rows, counts = self._admit(joining, slots)
+                logits[admitted_rows] = out[decoding:].repeat_interleave(counts, dim=0)
             self.stats = StepStats(rows=int(self._live.sum()), requests=len(self.requests), admitted=len(queued))
             finished = self._select(logits, rows)
         self.stats.finished = len(finished)
@@ -387,17 +395,16 @@ class DecodeLoop:
             self._live = self._live_rows()
         return queued
 
-    def _prefill(self, queued) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new requests' images, feed their prompts; -> (their rows, the logits of each row)."""
-        requests = [r for r, _ in queued]
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
-        self.decoder.store_images(self.cache, slots, torch.stack([e for _, e in queued]))
-        logits = self.decoder.prefill(self.cache, slots, [r.prompt for r in requests], self.cache.image_tokens)
+    def _admit(self, requests: list[_Request], slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new requests, whose prompts the step fed into the first row of their slots: every row of a
+        request starts from that row's state; -> (their rows, rows per request)."""
         counts = torch.tensor([r.n for r in requests], device=self.device)
-        first = torch.repeat_interleave(slots * self.cache.width, counts)
+        lengths = torch.tensor([len(r.prompt) for r in requests], device=self.device)
+        first = slots * self.cache.width
+        self.cache.lengths[first] = lengths
+        first = torch.repeat_interleave(first, counts)
         rows = first + torch.cat([torch.arange(r.n, device=self.device) for r in requests])
-        # Every row of a request starts from its prompt's state: the first row's, copied.
-        columns = max(len(r.prompt) for r in requests)
+        columns = int(lengths.max())
         self.cache.kv[:columns, :, rows] = self.cache.kv[:columns, :, first]
         self.cache.tokens[rows] = self.cache.tokens[first]
         self.cache.lengths[rows] = self.cache.lengths[first]
@@ -410,7 +417,7 @@ class DecodeLoop:
                 self.groups[key] = group_type(request.n, request.options.do_sample,
                                               self.decoder.config.eos_token_id, self.device)
             self.groups[key].add([request])
-        return rows, logits[torch.repeat_interleave(torch.arange(len(requests), device=self.device), counts)]
+        return rows, counts
 
     def _select(self, logits: torch.Tensor, rows: int) -> dict[Hashable, list[Hypothesis]]:
         order = None
