@@ -33,7 +33,7 @@ def test_config_parses_and_batches_dynamically(path: Path):
     assert config.name == path.parent.name
     assert config.max_batch_size > 0
     if config.platform != "ensemble":
-        assert config.HasField("dynamic_batching") or config.sequence_batching.iterative_sequence
+        assert config.HasField("dynamic_batching") and not config.HasField("sequence_batching")
         assert (path.parent / "1" / "model.py").is_file()
 
 
@@ -93,13 +93,10 @@ def test_the_preprocess_config_states_every_default_as_the_generation_options_ha
     assert from_parameters(GenerationOptions, params, "default_") == GenerationOptions()
 
 
-def test_the_decoder_batches_in_flight_and_never_frees_a_sequence_mid_caption():
-    """Triton frees the slot of a sequence idle for max_sequence_idle_microseconds (1 s by default), counting the
-    time its request spends executing: a request handed back after a longer step would be refused and its caller
-    never answered (seen with BLIP-large steps on two cores)."""
+def test_the_decoder_hands_new_requests_over_without_waiting():
+    """The decoder's execute() only queues new requests for its own loop; a queue delay would only delay them,
+    and Triton's sequence batcher (which re-sent every request's inputs at every step) is gone."""
     config = parse_config(TEMPLATE / "text_decoder" / "config.pbtxt")
-    batching = config.sequence_batching
-    assert batching.iterative_sequence and batching.HasField("oldest")
-    assert batching.oldest.max_queue_delay_microseconds == 0
-    assert batching.max_sequence_idle_microseconds >= 600 * 10**6
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert not config.HasField("sequence_batching") and not config.model_transaction_policy.decoupled
     assert parse_config(TEMPLATE / "blip_caption" / "config.pbtxt").max_batch_size == 1
