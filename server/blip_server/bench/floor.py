@@ -5,8 +5,8 @@ What is measured, in the calling process, with the threads the service's models 
 - the matrix-product rate (FLOP/s, 2*m*k*n per product) on the vision encoder's linear layers' shapes,
   [tokens, hidden] x [hidden, 3*hidden] (qkv), [tokens, hidden] x [hidden, hidden] (the attention's output
   projection), [tokens, hidden] x [hidden, intermediate] (fc1) and [tokens, intermediate] x [intermediate, hidden]
-  (fc2), tokens = patches + 1, each the best of a few runs after a warm-up (the runs of all of them interleaved,
-  so that a moment the machine is quiet is found by each; the output written in place), with
+  (fc2), tokens = patches + 1, each the best of a few runs after a warm-up (the runs of a backend's products
+  interleaved, so that a moment the machine is quiet is found by each; the output written in place), with
   - ONNX Runtime (a one-node graph, the weights an initializer as in the exported encoder, the session options of
     the service's encoder): fp32 `MatMul`; int8 both `MatMulInteger` u8 x s8 -> int32 on already quantised
     activations and `DynamicQuantizeLinear` + `MatMulInteger` on fp32 activations (the exported int8 encoder's
@@ -17,7 +17,7 @@ What is measured, in the calling process, with the threads the service's models 
 - the memory read bandwidth (bytes/s): a numpy sum over 1 GiB, the best of three.
 
 Other work on the cores slows all of it, and raises the floor: `others_busy` is the share of the cores' time
-that other processes used while the rates were measured (from /proc/stat less this process's own CPU time).
+that other processes used meanwhile (from /proc/stat, less this process's own CPU time).
 
 The floor of a caption (`caption_floor`), for a precision:
 
@@ -154,7 +154,7 @@ class Machine:
     bandwidth: float  # bytes read per second
     rates: tuple[Rate, ...]
     skipped: tuple[str, ...] = ()  # what could not be measured here, and why
-    others_busy: float | None = None  # the share of the cores' time other processes used while rates were measured
+    others_busy: float | None = None  # the share of the cores' time other processes used while it measured
 
     def rate(self, precision: str, shape: tuple[int, int, int] | None = None) -> float:
         """The best rate of `precision` on `shape`, by any backend; a shape not measured: the best on any shape."""
@@ -267,16 +267,18 @@ def _torch(shape: tuple[int, int, int]) -> tuple[list[_Product], str | None]:
 
 def measure_machine(architecture: VisionArchitecture, threads: int | None = None, repeats: int = 5,
                     bandwidth_gib: float = 1.0) -> Machine:
-    """The rates on `architecture`'s measured shapes, each backend and precision, and the read bandwidth. Each
-    product runs once to warm up, then `repeats` rounds run every product once each and its best is kept: the
-    rounds spread a product's runs over the whole measurement, so that a moment the machine is quiet is found
-    by all of them, not by those that happened to run then."""
+    """The read bandwidth, then the rates on `architecture`'s measured shapes, each backend and precision. Each
+    product runs once to warm up, then `repeats` rounds run every product of a backend once each and its best is
+    kept: the rounds spread a product's runs over its backend's measurement, so that a moment the machine is quiet
+    is found by all of them. ONNX Runtime's products run first: torch's OpenMP threads spin a while after each of
+    its products, and slowed (by a fifth to a third, measured here) an ONNX Runtime product that ran next."""
     import torch
 
     from blip_server.shared.cpu_turns import available_cores
 
     threads = threads or available_cores()
     machine_before, own_before = _cpu_seconds(), sum(os.times()[:2])
+    bandwidth = memory_bandwidth(bandwidth_gib)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     products: list[_Product] = []
@@ -288,13 +290,15 @@ def measure_machine(architecture: VisionArchitecture, threads: int | None = None
             products += on_torch
             skipped |= {why} if why else set()
         best = [float("inf")] * len(products)
-        for product in products:
-            product.run()
-        for _ in range(repeats):
-            for i, product in enumerate(products):
-                started = time.perf_counter()
-                product.run()
-                best[i] = min(best[i], time.perf_counter() - started)
+        for backend in ("onnxruntime", "torch"):
+            group = [i for i, product in enumerate(products) if product.backend == backend]
+            for i in group:
+                products[i].run()
+            for _ in range(repeats):
+                for i in group:
+                    started = time.perf_counter()
+                    products[i].run()
+                    best[i] = min(best[i], time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous)
     machine_after, own_after = _cpu_seconds(), sum(os.times()[:2])
@@ -304,7 +308,7 @@ def measure_machine(architecture: VisionArchitecture, threads: int | None = None
         others = min(1.0, max(0.0, busy / (machine_after[1] - machine_before[1])))
     rates = tuple(Rate(*p.shape, p.backend, p.precision, p.how, 2 * math.prod(p.shape) / seconds)
                   for p, seconds in zip(products, best, strict=True))
-    return Machine(threads, memory_bandwidth(bandwidth_gib), rates, tuple(sorted(skipped)), others)
+    return Machine(threads, bandwidth, rates, tuple(sorted(skipped)), others)
 
 
 def _cpu_seconds() -> tuple[float, float] | None:
