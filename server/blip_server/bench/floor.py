@@ -9,9 +9,10 @@ What is measured, in the calling process, with the threads the service's models 
   interleaved, so that a moment the machine is quiet is found by each; the output written in place), with
   - ONNX Runtime (a one-node graph, the weights an initializer as in the exported encoder, the session options of
     the service's encoder): fp32 `MatMul`; int8 both `MatMulInteger` u8 x s8 -> int32 on already quantised
-    activations and `DynamicQuantizeLinear` + `MatMulInteger` on fp32 activations (the exported int8 encoder's
-    graph, which ORT fuses into one `DynamicQuantizeMatMul`; its rate counts the activations' quantisation too),
-    both kept, the floor taking the faster;
+    activations and `DynamicQuantizeLinear` + `MatMulInteger` on fp32 activations (`quantize_dynamic`'s graph
+    for a MatMul, one scale for the tensor, which ORT fuses into one `DynamicQuantizeMatMul`; its rate counts the
+    activations' quantisation too; the exported encoder quantises per row, see `blip_server.quantize`), both
+    kept, the floor taking the faster;
   - torch: `torch.matmul` fp32; int8 `torch._int_mm` (int8 x int8 -> int32), skipped, and said so in `skipped`,
     where this torch has none for the CPU;
 - the memory read bandwidth (bytes/s): a numpy sum over 1 GiB, the best of three.
