@@ -133,3 +133,13 @@ def test_the_triton_model_refuses_to_load_what_cannot_run(monkeypatch, tmp_path,
             "model_instance_device_id": "0"}
     with pytest.raises(RuntimeError, match=f"text_decoder: .*{message}"):
         model.initialize(args)
+
+
+def test_a_decoder_steps_on_every_core_only_when_a_step_reads_enough_weights(monkeypatch):
+    """BLIP-base and -large read 0.2-0.5 GB a step: every core; the demo model's 2.8 MB: one thread (more only
+    add their start-up). The config's `threads`, when set, wins."""
+    step_threads = _load_triton_model(monkeypatch).step_threads
+    assert step_threads(0, 490 << 20, cores=4) == 4
+    assert step_threads(0, 3 << 20, cores=4) == 1
+    assert step_threads(2, 3 << 20, cores=4) == 2
+    assert step_threads(1, 490 << 20, cores=4) == 1

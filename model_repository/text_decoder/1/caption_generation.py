@@ -16,7 +16,7 @@ same checkpoint, options and image give the same captions, whatever else is in f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
