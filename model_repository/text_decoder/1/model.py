@@ -95,23 +95,29 @@ class _Metrics:
             pb_utils.MetricFamily("blip_decoder_rows", "Decoder rows (beams, samples) decoded, summed over steps; "
                                   "divided by blip_decoder_steps: rows per step", counter),
             pb_utils.MetricFamily("blip_decoder_steps", "Decode steps run", counter),
+            pb_utils.MetricFamily("blip_decoder_step_seconds", "Seconds the decode steps took, summed (waits for the "
+                                  "CPU turn excluded): the decoder's busy time", counter),
             pb_utils.MetricFamily("blip_decoder_requests_in_flight", "Requests in the decode loop", gauge),
         ]
-        self.rows, self.steps, self.in_flight = (family.Metric() for family in self.families)
+        self.rows, self.steps, self.seconds, self.in_flight = (family.Metric() for family in self.families)
         self.pending_rows = self.pending_steps = 0
+        self.pending_seconds = 0.0
         self.sent = time.monotonic()
 
-    def record(self, rows: int, in_flight: int) -> None:
+    def record(self, rows: int, in_flight: int, seconds: float) -> None:
         self.pending_rows += rows
         self.pending_steps += 1
+        self.pending_seconds += seconds
         if in_flight and time.monotonic() - self.sent < _METRICS_SECONDS:
             return
         self.sent = time.monotonic()
         try:
             self.rows.increment(self.pending_rows)
             self.steps.increment(self.pending_steps)
+            self.seconds.increment(self.pending_seconds)
             self.in_flight.set(in_flight)
             self.pending_rows = self.pending_steps = 0
+            self.pending_seconds = 0.0
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             pb_utils.Logger.log_warn(f"text_decoder: metrics not recorded:\n{traceback.format_exc()}")
 
@@ -206,10 +212,12 @@ class TritonPythonModel:
                                                       pb_utils.TritonError.CANCELLED))
                 if len(self.loop):
                     with self.turns:
+                        started = time.perf_counter()
                         finished = self.loop.step()
+                        seconds = time.perf_counter() - started
                     for key, hypotheses in finished.items():
                         self.pending.pop(key).send(self._answer(hypotheses))
-                    self.metrics.record(self.loop.stats.rows, len(self.loop))
+                    self.metrics.record(self.loop.stats.rows, len(self.loop), seconds)
             except Exception:  # noqa: BLE001 - the loop's state is unknown: fail what is in flight, start afresh
                 pb_utils.Logger.log_error(f"text_decoder: a decode step failed:\n{traceback.format_exc()}")
                 self._fail_all("decoding failed; the server log has the details", pb_utils.TritonError.INTERNAL)

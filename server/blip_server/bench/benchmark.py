@@ -223,12 +223,14 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
                     _warm_up(ask, images, concurrency)  # before the readings: they count the measured captions only
                     before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
+                    decoder_before = _decoder_metrics(serve)
                     cpu_before = serve.cpu_seconds()
                     row, answers = _measure(f"service {precision} via {route}, {concurrency} concurrent", ask, images,
                                             concurrency, kind="service", precision=precision, route=route)
                     cpu_after = serve.cpu_seconds()
                     after = {m: _stats(triton, m) for m in before}
                     row["models"] = {m: _delta(after[m], before[m]) for m in before}
+                    row["models"]["text_decoder"].update(_decoder_delta(_decoder_metrics(serve), decoder_before))
                     row.update(_cpu_per_caption(cpu_after, cpu_before, gateway, len(images)))
                     row["decoder_s_per_caption"] = row["models"]["text_decoder"]["compute_s"] / len(images)
                     if floor is not None:
@@ -247,6 +249,31 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
     return {"rows": rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
             "weights_bytes": _weights_bytes(repository),
             "overtaking": overtaking, "floor": _floor_fields(floor) if floor else None}
+
+
+def _decoder_metrics(serve) -> dict[str, float]:
+    """The decoder's own counters (Triton's metrics port): steps, rows and the steps' seconds. Its execute() only
+    queues requests for its decode loop, so Triton's compute time for it says nothing of the decoding."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{serve.ports['metrics']}/metrics", timeout=10).read().decode()
+    wanted = {"blip_decoder_steps": "steps", "blip_decoder_rows": "rows", "blip_decoder_step_seconds": "seconds"}
+    found = {name: 0.0 for name in wanted.values()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted or sample.name.removesuffix("_total") in wanted:
+                found[wanted[sample.name.removesuffix("_total")]] += sample.value
+    return found
+
+
+def _decoder_delta(after: dict[str, float], before: dict[str, float]) -> dict:
+    """The decoder's statistics over a row from its own counters, in the fields `_delta` gives the other models:
+    executions are steps, a batch is the rows of a step, compute is the steps' time."""
+    steps, rows, seconds = (after[k] - before[k] for k in ("steps", "rows", "seconds"))
+    return {"executions": int(steps), "mean_batch": rows / max(1.0, steps), "compute_s": seconds,
+            "compute_ms_per_execution": 1000 * seconds / max(1.0, steps)}
 
 
 def _floor_fields(floor: CaptionFloor) -> dict:

@@ -26,8 +26,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['name']} | {row['seconds_per_caption']:.3f} | {row['captions_per_second']:.2f} | "
                          f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['speedup']:.2f}x | {same} |")
     lines += ["", "Triton's statistics, through the gateway (mean requests per execution; queue per request; "
-                  "compute per execution), the decoder against its memory-bandwidth floor, and the CPU time of "
-                  "all server processes and of the gateway's per caption:", "",
+                  "compute per execution; for text_decoder, from its own counters: rows per step and compute per "
+                  "step, the wait for the CPU turn excluded), the decoder against its memory-bandwidth floor, and "
+                  "the CPU time of all server processes and of the gateway's per caption:", "",
               "| run | preprocess | vision_encoder | text_decoder | decoder s per caption | floor | ratio | "
               "server CPU s per caption | gateway CPU ms per caption | gateway share |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -43,6 +44,7 @@ def markdown(results: dict) -> str:
                          f"{row['server_cpu_s_per_caption']:.3f} | {row['gateway_cpu_s_per_caption'] * 1e3:.1f} | "
                          f"{row['gateway_cpu_share']:.2%} |")
     lines += _against_floor(results)
+    lines += _memory_by_process(results)
     lines += ["", "| precision | server memory at rest (PSS, MB) | peak under load | weights MB | ratio at rest | "
                   "ratio at peak | short request overtakes long |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for precision, service in results["service"].items():
@@ -99,6 +101,18 @@ def _against_floor(results: dict) -> list[str]:
                          f"{row['throughput_vs_floor']:.1f}x | {row['encoder_s_per_caption']:.3g} "
                          f"({row['encoder_vs_floor']:.1f}x) | {row['decoder_s_per_caption']:.3g} "
                          f"({row['decoder_vs_floor']:.1f}x) | {row['other_s_per_caption']:.3g} |")
+    return lines
+
+
+def _memory_by_process(results: dict) -> list[str]:
+    """Every server process's memory (PSS, MB) at rest and at the peak, per precision."""
+    lines = ["", "Memory of every server process (PSS, MB; `blip-serve` runs the gateway):", "",
+             "| precision | process | at rest | at peak |", "| --- | --- | ---: | ---: |"]
+    for precision, service in results["service"].items():
+        peak = service.get("peak_memory", {})
+        for name, value in sorted(service["memory"].items()):
+            at_peak = f"{peak[name] / 2**20:.0f}" if name in peak else ""
+            lines.append(f"| {precision} | {name.rsplit(' (', 1)[0]} | {value / 2**20:.0f} | {at_peak} |")
     return lines
 
 
