@@ -22,10 +22,11 @@ def test_an_int8_export_quantises_what_it_says_and_records_its_quality(checkpoin
     assert manifest["precision"] == "int8"
     assert MIN_COSINE["int8"] <= manifest["encoder_cosine_to_fp32"] <= 1.0
     nodes = onnx.load(str(repository / "vision_encoder" / "1" / "model.onnx")).graph.node
-    quantised = {n.name for n in nodes if n.op_type == "MatMulInteger"}
+    quantised = {n.name for n in nodes if n.op_type == "MatMulIntegerToFloat"}
     plain = {n.name for n in nodes if n.op_type == "MatMul"}
     # whichever plan it kept (quantize.DYNAMIC_PLANS), every MLP input layer is int8, and fp32 MatMuls remain
-    # (attention's activation products at least)
+    # (attention's activation products at least); activations are quantised per row, never per tensor
+    assert not any(n.op_type == "DynamicQuantizeLinear" for n in nodes)
     assert quantised and all("mlp/fc1" not in name for name in plain)
     assert any("mlp/fc1" in name for name in quantised) and plain
     decoder = parse_config(repository / "text_decoder" / "config.pbtxt")
