@@ -1,5 +1,6 @@
 """A request's captions and scores do not depend on what shares its step or its encoder run: bit for bit, in fp32
-and int8, on the demo model and on random checkpoints (whose near-ties show any coupling).
+and int8, on the demo model and on random checkpoints (whose near-ties show any coupling). The decoder in fp16, the
+GPU's precision, is held to the same on the CPU (the same code; CUDA's kernels themselves are not covered here).
 
 Each image is captioned alone, then among seven others with other prompts and options in one step (the same
 `generate` call, so one `DecodeLoop` step admits them all), and again joining a loop whose requests are mid-way;
@@ -50,9 +51,13 @@ def model(request, checkpoints):
     return model, embeds, prompts
 
 
-def _decoder(model, int8: bool) -> BlipTextDecoder:
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
+
+
+def _decoder(model, precision: str) -> BlipTextDecoder:
     config = DecoderConfig(**decoder_config(model.config.text_config))
-    return BlipTextDecoder(config, model.text_decoder.state_dict(), int8=int8)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    return BlipTextDecoder(config, model.text_decoder.state_dict(), dtype=dtype, int8=precision == "int8")
 
 
 def _outcome(hypotheses) -> list[tuple[list[int], float]]:
@@ -67,21 +72,21 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_a_request_decodes_bit_for_bit_alike_alone_and_among_seven_others_in_one_step(model, int8, threads):
+@PRECISIONS
+def test_a_request_decodes_bit_for_bit_alike_alone_and_among_seven_others_in_one_step(model, precision, threads):
     model, embeds, prompts = model
-    decoder = _decoder(model, int8)
+    decoder = _decoder(model, precision)
     together = generate(decoder, embeds, prompts, OPTIONS)
     for i in range(8):
         alone = generate(decoder, embeds[i : i + 1], [prompts[i]], [OPTIONS[i]])[0]
         assert _outcome(together[i]) == _outcome(alone), (i, OPTIONS[i])
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_a_request_joining_a_loop_mid_way_decodes_bit_for_bit_as_alone(model, int8):
+@PRECISIONS
+def test_a_request_joining_a_loop_mid_way_decodes_bit_for_bit_as_alone(model, precision):
     """Others are several steps into their captions (longer rows: attention reads more columns) when it joins."""
     model, embeds, prompts = model
-    decoder = _decoder(model, int8)
+    decoder = _decoder(model, precision)
     loop = DecodeLoop(decoder, columns=64)
     for i in (5, 7, 2):
         loop.add(i, embeds[i], prompts[i], OPTIONS[i])
