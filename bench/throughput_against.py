@@ -113,14 +113,14 @@ def main() -> int:
                     if code != 0:
                         raise RuntimeError(f"blip-serve ({name}) exited {code}:\n{log[-3000:]}")
                     results[name].append(rate)
-                    print(f"{name}: {rate:.1f} captions/s", file=sys.stderr, flush=True)
+                    print(f"{name}: {rate:.3g} captions/s", file=sys.stderr, flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
     base = sum(results[args.commit]) / len(results[args.commit])
     ours = sum(results["this tree"]) / len(results["this tree"])
     print(f"{Path(args.model).name}, {args.concurrency} clients, {args.seconds:.0f} s a round, {args.rounds} rounds")
     for name, rates in results.items():
-        print(f"  {name}: " + ", ".join(f"{r:.1f}" for r in rates) + " captions/s")
+        print(f"  {name}: " + ", ".join(f"{r:.3g}" for r in rates) + " captions/s")
     print(f"  this tree / {args.commit}: {ours / base:.2f}x")
     return 0
 
