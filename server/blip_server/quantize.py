@@ -106,7 +106,7 @@ def per_row_activations(model) -> int:
     (Exactness assumes a CPU whose u8 x s8 kernels accumulate in 32 bits, as AVX-512 VNNI's and AVX-VNNI's do;
     ONNX Runtime's AVX2-only kernels saturate 16-bit pair sums.)
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     # ReduceMax takes its axes as an input from opset 18, as an attribute before
