@@ -52,11 +52,7 @@ class CommandProcess:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """The gateway's Prometheus samples: (name, sorted labels) -> value."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.ports['gateway_metrics']}/metrics", timeout=5).read()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+        return scrape(self.ports["gateway_metrics"])
 
     def children(self) -> list[int]:
         return list(procfs.children(self.process.pid))
@@ -77,6 +73,15 @@ class CommandProcess:
     def _processes(self) -> dict[str, int]:
         processes = {self.process.pid: self.command, **procfs.descendants(self.process.pid)}
         return {process_name(command, pid): pid for pid, command in processes.items()}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The Prometheus samples served on a loopback port's /metrics: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
 
 
 def process_name(command: str, pid: int) -> str:

@@ -254,17 +254,13 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
 def _decoder_metrics(serve) -> dict[str, float]:
     """The decoder's own counters (Triton's metrics port): steps, rows and the steps' seconds. Its execute() only
     queues requests for its decode loop, so Triton's compute time for it says nothing of the decoding."""
-    import urllib.request
+    from blip_server.processes import scrape
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{serve.ports['metrics']}/metrics", timeout=10).read().decode()
     wanted = {"blip_decoder_steps": "steps", "blip_decoder_rows": "rows", "blip_decoder_step_seconds": "seconds"}
     found = {name: 0.0 for name in wanted.values()}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted or sample.name.removesuffix("_total") in wanted:
-                found[wanted[sample.name.removesuffix("_total")]] += sample.value
+    for (name, _), value in scrape(serve.ports["metrics"]).items():
+        if name.removesuffix("_total") in wanted:
+            found[wanted[name.removesuffix("_total")]] += value
     return found
 
 
