@@ -9,7 +9,6 @@ languages. Never edit the output by hand; a unit test checks it is current.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

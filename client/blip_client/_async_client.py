@@ -42,7 +42,7 @@ class AsyncCaptionClient:
         self._timeout = timeout
         self._metadata = metadata(api_key)
 
-    async def __aenter__(self) -> "AsyncCaptionClient":
+    async def __aenter__(self) -> AsyncCaptionClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -46,7 +46,7 @@ class CaptionClient:
         self._timeout = timeout
         self._metadata = metadata(api_key)
 
-    def __enter__(self) -> "CaptionClient":
+    def __enter__(self) -> CaptionClient:
         return self
 
     def __exit__(self, *exc) -> None:

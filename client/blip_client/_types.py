@@ -30,7 +30,7 @@ class GenerationOptions:
                                                 if getattr(self, f.name) is not None})
 
     @classmethod
-    def from_pb(cls, message: caption_pb2.GenerationOptions) -> "GenerationOptions":
+    def from_pb(cls, message: caption_pb2.GenerationOptions) -> GenerationOptions:
         return cls(**{f.name: getattr(message, f.name) for f in fields(cls) if message.HasField(f.name)})
 
 
@@ -54,7 +54,7 @@ class CaptionResult:
         return self.captions[0].text
 
     @classmethod
-    def from_pb(cls, message: caption_pb2.CaptionResponse) -> "CaptionResult":
+    def from_pb(cls, message: caption_pb2.CaptionResponse) -> CaptionResult:
         return cls([Caption(c.text, c.score) for c in message.captions], message.request_id, message.model)
 
 
@@ -84,7 +84,7 @@ class ModelInfo:
     early_stopping: str = "false"
 
     @classmethod
-    def from_pb(cls, message: caption_pb2.ModelInfo) -> "ModelInfo":
+    def from_pb(cls, message: caption_pb2.ModelInfo) -> ModelInfo:
         limits = Limits(**{f.name: getattr(message.limits, f.name) for f in fields(Limits)})
         return cls(message.model, message.source_checkpoint, message.image_height, message.image_width,
                    message.precision, GenerationOptions.from_pb(message.defaults), limits,

@@ -191,7 +191,13 @@ def quantize_int8(path: Path, method: str, calibration: np.ndarray, cosine) -> t
     """Quantise the fp32 encoder at `path` to int8 in place; `cosine(candidate path)` measures a candidate
     against fp32. Returns (its cosine, what stayed fp32)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     if method not in INT8_METHODS:
         raise ValueError(f"int8 method {method!r}: choose from {', '.join(INT8_METHODS)}")

@@ -23,11 +23,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_WORDS = (
-    "a an the of and with on in at near to from by two three small large red green blue yellow purple orange "
-    "white black circle square triangle picture photo image dog cat man woman person table street car tree sky "
-    "water grass field road house building sitting standing holding next top front back left right s t"
-).split() + [".", ",", "'", "!", "?"]
+_WORDS = ["a", "an", "the", "of", "and", "with", "on", "in", "at", "near", "to", "from", "by", "two", "three", "small", "large", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle", "picture", "photo", "image", "dog", "cat", "man", "woman", "person", "table", "street", "car", "tree", "sky", "water", "grass", "field", "road", "house", "building", "sitting", "standing", "holding", "next", "top", "front", "back", "left", "right", "s", "t"] + [".", ",", "'", "!", "?"]
 _SUFFIXES = ["##s", "##ed", "##ing", "##er", "##ly"]
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 
@@ -94,7 +90,13 @@ def _vocabulary(spec: CheckpointSpec) -> list[str]:
 def build(spec: CheckpointSpec, output: str | Path) -> Path:
     """Writes the checkpoint to `output` and returns that path."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

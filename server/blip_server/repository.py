@@ -9,6 +9,7 @@ from google.protobuf import text_format
 
 from blip_server.errors import ModelNotFoundError
 from blip_server.repository_copy import MANIFEST
+
 # The modules of blip_server.shared that the export copies into the models.
 SHARED_MODULES = ("generation_options.py", "image_header.py")
 MODELS = ("preprocess", "vision_encoder", "text_decoder", "blip_caption")

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+
 from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.triton import EmbeddedTriton, TritonOptions

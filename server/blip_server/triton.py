@@ -155,7 +155,7 @@ class EmbeddedTriton:
         self._shm_lock = threading.Lock()  # kill() may run in two threads at once (a second signal during stop)
         self.log_path = Path(options.log_path) if options.log_path else self._workdir / "tritonserver.log"
 
-    def __enter__(self) -> "EmbeddedTriton":
+    def __enter__(self) -> EmbeddedTriton:
         self.start()
         self.wait_ready()
         return self

@@ -55,10 +55,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import traceback
 import urllib.request
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

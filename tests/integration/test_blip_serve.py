@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from blip_server.errors import TritonStartError
 from blip_server import procfs
+from blip_server.errors import TritonStartError
 from blip_server.shared.cpu_turns import turns_path
 from blip_server.triton import EmbeddedTriton, TritonOptions, remove_orphaned_shared_memory
 from support import images, reference

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 import pytest
+from image_header import ImageLimits
+from image_preprocessing import ImageProcessorConfig, preprocess
 
 from blip_server.bench.corpus import corpus
 from blip_server.demo.scenes import encode, render
-from image_header import ImageLimits
-from image_preprocessing import ImageProcessorConfig, preprocess
 from support import images, side_environment
 
 ROOT = Path(__file__).resolve().parents[2]

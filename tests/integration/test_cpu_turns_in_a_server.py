@@ -12,9 +12,9 @@ from pathlib import Path
 from blip_server import procfs
 from blip_server.model_configs import set_parameters
 from blip_server.processes import short_name
-from support.serve import ServeProcess
 from blip_server.shared.cpu_turns import turns_path
 from blip_server.triton import remove_stale_turn_files
+from support.serve import ServeProcess
 
 
 def _open_files(pid: int) -> set[str]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from image_header import ImageLimits
+from image_preprocessing import ImageProcessorConfig, preprocess
 
 from blip_server.export import ExportOptions, export_checkpoint
 from blip_server.model_store import demo_checkpoint
-from image_header import ImageLimits
-from image_preprocessing import ImageProcessorConfig, preprocess
 from support import images, reference
 from support.triton_requests import caption_inputs, captions
 

@@ -14,13 +14,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from blip_text_decoder import BlipTextDecoder, DecoderConfig, Int8Linear
+from caption_generation import DecodeLoop, generate
+from generation_options import GenerationOptions
 
 from blip_server.checkpoint import decoder_config
 from blip_server.export import ExportOptions, export_checkpoint
 from blip_server.model_store import demo_checkpoint
-from blip_text_decoder import BlipTextDecoder, DecoderConfig, Int8Linear
-from caption_generation import DecodeLoop, generate
-from generation_options import GenerationOptions
 from support import reference
 
 # Eight requests that differ in everything a step shares: prompt length, beams, rows, strategy, length.

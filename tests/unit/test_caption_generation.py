@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from blip_server.checkpoint import decoder_config
 from blip_text_decoder import BlipTextDecoder, DecoderConfig, _padded_columns
 from caption_generation import generate
 from generation_options import GenerationOptions
+
+from blip_server.checkpoint import decoder_config
 from support import reference
 
 CASES = {

@@ -4,10 +4,9 @@ or a GPU."""
 
 from __future__ import annotations
 
+import blip_text_decoder
 import pytest
 import torch
-
-import blip_text_decoder
 from blip_text_decoder import Placement, exact_float32, placement
 
 

@@ -22,6 +22,9 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from blip_text_decoder import BlipTextDecoder, DecoderConfig
+from caption_generation import generate
+from generation_options import GenerationOptions
 
 from blip_server.checkpoint import decoder_config
 from blip_server.demo.evaluate import scenes
@@ -29,9 +32,6 @@ from blip_server.demo.scenes import PROMPT
 from blip_server.export import export_vision_encoder_onnx
 from blip_server.model_store import demo_checkpoint
 from blip_server.quantize import to_fp16
-from blip_text_decoder import BlipTextDecoder, DecoderConfig
-from caption_generation import generate
-from generation_options import GenerationOptions
 from support import reference
 
 # Fresh scenes: neither the training's seed, blip-demo-evaluate's nor test_demo_model's. 200 scenes, captioned

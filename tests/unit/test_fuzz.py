@@ -13,8 +13,10 @@ import struct
 import zlib
 
 import numpy as np
+from generation_options import GenerationOptions, OptionError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from image_preprocessing import ImageError, ImageLimits, ImageProcessorConfig, preprocess
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.errors import InvalidArgument
@@ -22,8 +24,6 @@ from blip_server.gateway.messages import CaptionJob
 from blip_server.shared.image_header import ImageError as HeaderError
 from blip_server.shared.image_header import ImageLimits as HeaderLimits
 from blip_server.shared.image_header import read_header
-from generation_options import GenerationOptions, OptionError
-from image_preprocessing import ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from support import images
 
 settings.register_profile("ci", max_examples=150, deadline=None,

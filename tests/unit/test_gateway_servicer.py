@@ -21,6 +21,7 @@ from blip_server.gateway.replicas import Replica, ReplicaPool
 from support.fake_captioner import FAILURES, IMAGE, FakeCaptioner
 from support.gateway import BackgroundGateway
 
+
 @pytest.fixture
 def served():
     captioner = FakeCaptioner(GatewayLimits(max_image_bytes=1000, max_concurrent_requests=2, stream_window=2))

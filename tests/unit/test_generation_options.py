@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from generation_options import GenerationLimits, GenerationOptions, OptionError, from_parameters
 
 LIMITS = GenerationLimits()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
-from blip_server.checkpoint import image_settings
 import threading
 import time
 
+import numpy as np
+import pytest
 from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, load_image, preprocess
+
+from blip_server.checkpoint import image_settings
 from support import images, reference
 
 KINDS = images.kinds(seed=3)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter
 from transformers.generation.logits_process import (
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter
 
 VOCAB = 23
 

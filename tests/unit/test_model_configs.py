@@ -72,8 +72,9 @@ def test_preprocess_and_decoder_enforce_the_same_limits():
 
 
 def test_the_client_side_option_table_matches_the_ensemble():
-    from blip_server.ensemble import OPTION_TENSORS
     from generation_options import TRITON_INPUTS, GenerationOptions
+
+    from blip_server.ensemble import OPTION_TENSORS
 
     inputs = {t.name: t.data_type for t in parse_config(TEMPLATE / "blip_caption" / "config.pbtxt").input}
     assert {name for name, _, _ in OPTION_TENSORS.values()} == set(inputs) - {"IMAGE", "PROMPT"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from blip_server.checkpoint import decoder_config
 from caption_text import CaptionDecoder
 from prompt_tokens import PromptError, PromptTokenizer
+
+from blip_server.checkpoint import decoder_config
 from support import reference
 
 PROMPTS = ["a picture of", "", "   ", "A Picture OF", "a photo of two dogs, sitting!", "unknownword of the sky's",

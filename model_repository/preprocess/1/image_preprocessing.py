@@ -55,7 +55,7 @@ class ImageProcessorConfig:
     backend: str = "pil"  # which BlipImageProcessor the pixels equal: "pil" or "torchvision" (PROCESSORS)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ImageProcessorConfig":
+    def from_json(cls, path: str | Path) -> ImageProcessorConfig:
         values = json.loads(Path(path).read_text())
         values["image_mean"] = tuple(values["image_mean"])
         values["image_std"] = tuple(values["image_std"])

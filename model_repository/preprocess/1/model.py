@@ -26,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
 from cpu_turns import available_cores
 from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
 from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
-
 
 _LIBC = ctypes.CDLL("libc.so.6")
 # This process decodes images of every size: buffers of 1 MiB or more (a decoded 640x480 photo, a resized copy)

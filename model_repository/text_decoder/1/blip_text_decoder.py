@@ -139,7 +139,7 @@ class DecoderConfig:
     pad_token_id: int
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "DecoderConfig":
+    def from_json(cls, path: str | Path) -> DecoderConfig:
         return cls(**json.loads(Path(path).read_text()))
 
     @property
@@ -385,7 +385,7 @@ class BlipTextDecoder:
 
     @classmethod
     def from_directory(cls, directory: str | Path, device="cpu", dtype=torch.float32,
-                       int8: bool = False) -> "BlipTextDecoder":
+                       int8: bool = False) -> BlipTextDecoder:
         from safetensors.torch import load_file
 
         directory = Path(directory)

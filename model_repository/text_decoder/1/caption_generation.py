@@ -16,11 +16,10 @@ same checkpoint, options and image give the same captions, whatever else is in f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 import torch
-
 from blip_text_decoder import BlipTextDecoder
 from generation_options import GenerationOptions
 from logits_processors import ban_repeated_ngrams, penalise_repetitions, top_k_filter, top_p_filter

@@ -32,7 +32,6 @@ import numpy as np
 # first step took 554 ms instead of 318 and the others 75 ms instead of 70.
 import torch
 import triton_python_backend_utils as pb_utils
-
 from blip_text_decoder import BlipTextDecoder, exact_float32, placement
 from caption_generation import DecodeLoop
 from caption_text import CaptionDecoder

@@ -67,7 +67,7 @@ class Scene:
     def prompted_caption(self) -> str:
         return f"{PROMPT} {self.caption}"
 
-    def mirrored(self) -> "Scene":
+    def mirrored(self) -> Scene:
         """The scene mirrored left to right: the same objects, described in the opposite order."""
         width = self.image.size[0]
         objects = tuple(

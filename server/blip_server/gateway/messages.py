@@ -66,11 +66,11 @@ class CaptionJob:
     request_id: str
 
     @classmethod
-    def from_pb(cls, message: caption_pb2.CaptionRequest) -> "CaptionJob":
+    def from_pb(cls, message: caption_pb2.CaptionRequest) -> CaptionJob:
         return cls(message.image, message.prompt, options_from_pb(message.options), message.request_id)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CaptionJob":
+    def from_bytes(cls, data: bytes) -> CaptionJob:
         """Parse a serialized CaptionRequest; raises UnparsableRequest (an InvalidArgument) saying what is wrong."""
         try:
             return cls.from_pb(caption_pb2.CaptionRequest.FromString(data))

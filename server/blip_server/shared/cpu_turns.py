@@ -70,7 +70,7 @@ class CpuTurns:
     def __init__(self, path: Path | None = None, enabled: bool = True):
         self._fd = os.open(path or turns_path(os.getppid()), os.O_RDWR | os.O_CREAT, 0o600) if enabled else None
 
-    def __enter__(self) -> "CpuTurns":
+    def __enter__(self) -> CpuTurns:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self

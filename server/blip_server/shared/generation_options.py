@@ -84,7 +84,7 @@ class GenerationOptions:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def with_values(self, **values) -> "GenerationOptions":
+    def with_values(self, **values) -> GenerationOptions:
         """A copy with the given (already typed) values; None means "not set"."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
@@ -92,7 +92,7 @@ class GenerationOptions:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "GenerationOptions":
+    def from_json(cls, text: str | bytes) -> GenerationOptions:
         """Options resolved by `preprocess`; raises OptionError for anything else."""
         try:
             values = json.loads(text)
