@@ -89,7 +89,7 @@ def tensorrt_options(precision: str, device_index: int, workdir: Path, batches: 
     """TensorRT through ONNX Runtime: one optimisation profile for every batch size asked for (so an engine is
     built once, not per shape), engine and timing caches in the work directory, FP16 kernels for fp16 only (fp32
     also has TF32 off: NVIDIA_TF32_OVERRIDE=0)."""
-    shape = "PIXEL_VALUES:{}x3x%dx%d" % (size, size)
+    shape = f"PIXEL_VALUES:{{}}x3x{size}x{size}"
     return {  # strings, as ONNX Runtime parses provider options
         "device_id": str(device_index),
         "trt_fp16_enable": "1" if precision == "fp16" else "0",
@@ -304,7 +304,7 @@ def latency(seconds: list[float], batch: int) -> dict:
 
 
 def _differing(a: list[list[int]], b: list[list[int]]) -> int:
-    return sum(x != y for x, y in zip(a, b))
+    return sum(x != y for x, y in zip(a, b, strict=True))
 
 
 def run_phase(setup: Setup, batch: int, row: dict, repeats: int, phase_deadline: float, deadline: float) -> None:
@@ -380,9 +380,9 @@ class Results:
         (self.out / "results.md").write_text(markdown(self.run, self.rows))
 
 
-HEADER = ("| precision | batch | status | encoder | ours captions/s | ours p50 / p99 / max ms | transformers captions/s "
-          "| transformers p50 / p99 / max ms | timed batches | speed-up | token ids differing (path; our decoder on "
-          "their embeddings) | encoder cosine |\n"
+HEADER = ("| precision | batch | status | encoder | ours captions/s | ours p50 / p99 / max ms "
+          "| transformers captions/s | transformers p50 / p99 / max ms | timed batches | speed-up "
+          "| token ids differing (path; our decoder on their embeddings) | encoder cosine |\n"
           "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 

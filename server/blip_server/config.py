@@ -113,8 +113,8 @@ class ServeConfig(GatewayOptions):
     triton_grpc_port: int = option(8001, "Triton's gRPC port")
     triton_http_port: int = option(8000, "Triton's HTTP port")
     triton_metrics_port: int = option(8002, "Triton's metrics port")
-    cache_dir: Path = option(factory=_default_cache_dir, help="where checkpoints exported on first use are kept (by content "
-                                                 "hash)")
+    cache_dir: Path = option(factory=_default_cache_dir,
+                             help="where checkpoints exported on first use are kept (by content hash)")
     startup_timeout: float = option(300.0, "seconds to wait for Triton to load the models")
     triton_log: Path | None = option(None, "file Triton's log is appended to (default: its temporary work "
                                            "directory, removed on exit)")

@@ -69,6 +69,6 @@ def captions(result) -> list[list[CaptionText]]:
     """Per item of the request: its captions, best first."""
     texts, scores = result.as_numpy("CAPTIONS"), result.as_numpy("SCORES")
     return [
-        [CaptionText(t.decode("utf-8"), float(s)) for t, s in zip(row, score_row)]
-        for row, score_row in zip(texts, scores)
+        [CaptionText(t.decode("utf-8"), float(s)) for t, s in zip(row, score_row, strict=True)]
+        for row, score_row in zip(texts, scores, strict=True)
     ]

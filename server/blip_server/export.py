@@ -176,7 +176,8 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     tokenizer = processor.tokenizer
     for directory in (preprocess, decoder):
         tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
-    _write_json(decoder / "decoding.json", {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)})
+    _write_json(decoder / "decoding.json",
+                {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)})
     _write_json(preprocess / "image_processor.json", images)
     _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id,
                                                  "max_position_embeddings": text_config.max_position_embeddings})
@@ -194,9 +195,8 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     set_parameters(output / "preprocess" / "config.pbtxt", **_generation_defaults(checkpoint))
     if options.target == "triton-container":
         tokens = (images["height"] // vision_config.patch_size) * (images["width"] // vision_config.patch_size) + 1
-        write_container_encoder_configs(output / "vision_encoder",
-                                        EncoderShape(images["height"], images["width"], tokens, vision_config.hidden_size),
-                                        options.precision)
+        shape = EncoderShape(images["height"], images["width"], tokens, vision_config.hidden_size)
+        write_container_encoder_configs(output / "vision_encoder", shape, options.precision)
     if options.precision == "int8":
         add_parameters(output / "text_decoder" / "config.pbtxt", "The decoder's linear layers in int8 (blip-export).",
                        quantization="int8")
@@ -210,7 +210,8 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
         "image_size": [images["height"], images["width"]],
         "encoder_cosine_to_fp32": cosine,
         "vocab_size": text_config.vocab_size,
-        "special_token_ids": {k: decoder_config(text_config)[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        "special_token_ids": {k: decoder_config(text_config)[k]
+                              for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
     }
     _write_json(output / MANIFEST, manifest)

@@ -8,6 +8,7 @@ there, fragmented, so resident memory only grows. A fixed threshold keeps every 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 
@@ -22,10 +23,8 @@ _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
 
 def trim() -> None:
     """Give the free memory inside the heaps back to the system (glibc's malloc_trim), e.g. after large work."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def bound_heap() -> None:

@@ -64,7 +64,7 @@ def set_parameters(path: Path, **values) -> None:
     for key, value in values.items():
         rendered = text_format.MessageToString(mc.ModelParameter(string_value=str(value)), as_one_line=True)
         pattern = re.compile(r'(parameters \{ key: "' + re.escape(key) + r'" value: )\{[^}]*\}')
-        text, found = pattern.subn(lambda m: m.group(1) + "{ " + rendered + " }", text)
+        text, found = pattern.subn(lambda m, rendered=rendered: m.group(1) + "{ " + rendered + " }", text)
         if not found:
             missing[key] = value
     path.write_text(text)
@@ -153,8 +153,9 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape, precis
             data_type=mc.TYPE_FP32, dims=[3, shape.height, shape.width], random_data=True))
     _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", gpu,
            "The encoder on GPUs (tritonserver --model-config-name=gpu): ONNX Runtime's TensorRT execution provider\n"
-           f"in {TENSORRT_PRECISION[precision]}, one optimisation profile for batch 1..{batch}, engines in a folder of "
-           f"{TENSORRT_CACHE} named after model.onnx's content\n"
-           "and the timing cache beside it (mount a volume there: a restart then loads the engines instead of building\n"
+           f"in {TENSORRT_PRECISION[precision]}, one optimisation profile for batch 1..{batch}, "
+           f"engines in a folder of {TENSORRT_CACHE} named after model.onnx's content\n"
+           "and the timing cache beside it "
+           "(mount a volume there: a restart then loads the engines instead of building\n"
            "them for minutes). FP32 runs without TF32 (blip-tritonserver sets NVIDIA_TF32_OVERRIDE=0).\n"
            "The warm-up requests build the engines before the model reports ready. Written by blip-export.")

@@ -21,6 +21,8 @@ from blip_server.repository import MANIFEST, is_model_repository
 
 log = logging.getLogger(__name__)
 
+DEFAULT_EXPORT_OPTIONS = ExportOptions()  # frozen: one instance serves as every call's default
+
 
 def demo_checkpoint() -> Path:
     """The demo checkpoint shipped in the source tree (`models/blip-demo`)."""
@@ -40,7 +42,7 @@ def export_in_child(checkpoint: Path, output: Path, options: ExportOptions) -> N
                           "its message is above)")
 
 
-def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = ExportOptions(),
+def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptions = DEFAULT_EXPORT_OPTIONS,
                        export=export_checkpoint) -> Path:
     """The model repository to serve for `model` (None: the demo checkpoint); `export` makes it when needed."""
     model = Path(model) if model is not None else demo_checkpoint()
@@ -51,7 +53,8 @@ def resolve_repository(model: Path | None, cache_dir: Path, options: ExportOptio
     try:
         check_layout(model)
     except ExportError as exc:
-        raise ModelNotFoundError(f"{exc}; --model takes a checkpoint directory or an exported model repository") from None
+        raise ModelNotFoundError(
+            f"{exc}; --model takes a checkpoint directory or an exported model repository") from None
     key = hashlib.sha256((content_digest(model) + export_fingerprint(options)).encode()).hexdigest()[:24]
     repositories = cache_dir / "repositories"
     repositories.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ line, the ports, waiting for the ready line, the gateway's metrics, the server p
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -26,9 +27,13 @@ class CommandProcess:
 
     def __init__(self, command: str, args: list[str], show_log: bool = False):
         self.command = command
-        self.stderr = None if show_log else tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False)
-        self.process = subprocess.Popen([str(Path(sys.executable).parent / command), *args],
-                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.stderr = None
+        with contextlib.ExitStack() as stack:  # the child keeps its own copy of the log file open
+            if not show_log:
+                self.stderr = stack.enter_context(
+                    tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False))
+            self.process = subprocess.Popen([str(Path(sys.executable).parent / command), *args],
+                                            stdout=subprocess.PIPE, stderr=self.stderr, text=True)
 
     def log(self) -> str:
         return Path(self.stderr.name).read_text(errors="replace") if self.stderr else ""
@@ -106,7 +111,7 @@ class ServeProcess(CommandProcess):
 
     def __init__(self, *args: str, cache: Path | None = None, show_log: bool = False):
         """`cache`: where exported checkpoints are kept (None: blip-serve's default)."""
-        self.ports = dict(zip(("gateway", "grpc", "http", "metrics", "gateway_metrics"), free_ports(5)))
+        self.ports = dict(zip(("gateway", "grpc", "http", "metrics", "gateway_metrics"), free_ports(5), strict=True))
         self.triton_log = Path(tempfile.mkstemp(prefix="blip-serve-", suffix=".triton.log")[1])
         super().__init__("blip-serve", [
             *args, *(["--cache-dir", str(cache)] if cache else []), "--port", str(self.ports["gateway"]),
@@ -128,7 +133,7 @@ class GatewayProcess(CommandProcess):
     """`blip-gateway` over the given Triton endpoints, on free loopback ports, metrics served."""
 
     def __init__(self, *args: str, show_log: bool = False):
-        self.ports = dict(zip(("gateway", "gateway_metrics"), free_ports(2)))
+        self.ports = dict(zip(("gateway", "gateway_metrics"), free_ports(2), strict=True))
         super().__init__("blip-gateway", [*args, "--port", str(self.ports["gateway"]),
                                           "--metrics-port", str(self.ports["gateway_metrics"])], show_log=show_log)
         self.address = f"127.0.0.1:{self.ports['gateway']}"

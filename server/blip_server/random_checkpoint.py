@@ -23,7 +23,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_WORDS = ["a", "an", "the", "of", "and", "with", "on", "in", "at", "near", "to", "from", "by", "two", "three", "small", "large", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle", "picture", "photo", "image", "dog", "cat", "man", "woman", "person", "table", "street", "car", "tree", "sky", "water", "grass", "field", "road", "house", "building", "sitting", "standing", "holding", "next", "top", "front", "back", "left", "right", "s", "t"] + [".", ",", "'", "!", "?"]
+_WORDS = [
+    "a", "an", "the", "of", "and", "with", "on", "in", "at", "near", "to", "from", "by", "two", "three", "small",
+    "large", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle",
+    "picture", "photo", "image", "dog", "cat", "man", "woman", "person", "table", "street", "car", "tree", "sky",
+    "water", "grass", "field", "road", "house", "building", "sitting", "standing", "holding", "next", "top",
+    "front", "back", "left", "right", "s", "t",
+] + [".", ",", "'", "!", "?"]
 _SUFFIXES = ["##s", "##ed", "##ing", "##er", "##ly"]
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 
@@ -82,7 +88,7 @@ def _vocabulary(spec: CheckpointSpec) -> list[str]:
     for token in unplaced:
         vocab[free.pop(0)] = token
     rng.shuffle(regular)
-    for i, token in zip(free, regular):
+    for i, token in zip(free, regular, strict=True):
         vocab[i] = token
     return vocab
 
@@ -150,7 +156,8 @@ def randomise(model, spec: CheckpointSpec, eos_token_id: int) -> None:
             if "LayerNorm" in name:
                 continue
             if name.endswith("weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * spec.decoder_init_std / param.shape[-1] ** 0.25)
+                param.copy_(torch.randn(param.shape, generator=generator) * spec.decoder_init_std
+                            / param.shape[-1] ** 0.25)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
         model.text_decoder.cls.predictions.decoder.bias[eos_token_id] += spec.eos_bias

@@ -91,7 +91,8 @@ async def serve(config: ServeConfig, repository: Path) -> int:
         metrics = f", metrics http://{config.host}:{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
         print(
             f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService){metrics}; "
-            f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, HTTP {config.triton_host}:{config.triton_http_port}, "
+            f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, "
+            f"HTTP {config.triton_host}:{config.triton_http_port}, "
             f"metrics {config.triton_host}:{config.triton_metrics_port}; model {served}",
             flush=True,
         )
@@ -118,7 +119,8 @@ def check_device(precision: str, device: str, what: str) -> None:
 def check_repository(config: ServeConfig, repository: Path) -> None:
     """An exported repository is served as it was exported: a flag that asks for something else is an error."""
     manifest = read_manifest(repository)
-    exported = {"precision": manifest.get("precision", "fp32"), "image_processor": manifest.get("image_processor", "pil")}
+    exported = {"precision": manifest.get("precision", "fp32"),
+                "image_processor": manifest.get("image_processor", "pil")}
     for name, value in exported.items():
         asked = getattr(config, name)
         if asked and asked != value:

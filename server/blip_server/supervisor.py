@@ -11,6 +11,7 @@ backing off when it keeps failing; after `max_restarts` within `window` seconds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -75,10 +76,8 @@ class TritonSupervisor:
             failed_probes = 0 if ready else failed_probes + 1
             problem = self.problem(failed_probes)
             if problem is None:
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.interval)
-                except asyncio.TimeoutError:
-                    pass
                 continue
             log.error("%s", problem)
             if self.on_down is not None:

@@ -7,6 +7,7 @@ runs in its own process group (so its Python-backend stubs can be stopped with i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -266,10 +267,8 @@ class EmbeddedTriton:
             return None
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=timeout if timeout is not None else self.options.exit_timeout + 10)
-            except subprocess.TimeoutExpired:
-                pass
         return self.kill()
 
     def kill(self) -> int | None:
@@ -278,10 +277,8 @@ class EmbeddedTriton:
         if process is None:
             return None
         self._note_shared_memory()
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         process.wait()
         _wait_group_gone(process.pid)
         turns_path(process.pid).unlink(missing_ok=True)  # its stubs are gone: nobody takes its turns any more
@@ -300,10 +297,7 @@ class EmbeddedTriton:
         with self._shm_lock:
             regions, self._shm_regions = self._shm_regions, set()
         for name in regions:
-            try:
-                os.unlink(_SHM_DIRECTORY / name)
-            except FileNotFoundError:
-                pass
+            (_SHM_DIRECTORY / name).unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         shutil.rmtree(self._workdir, ignore_errors=True)
@@ -314,10 +308,8 @@ def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while procfs.group_members(pgid) and time.monotonic() < deadline:
         if os.getpid() == 1:  # in a container without an init, orphaned stubs are ours to reap
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pass
         time.sleep(0.05)
 
 

@@ -101,7 +101,8 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             names = ("PIXEL_VALUES", "PROMPT_IDS", "GENERATION_OPTIONS")
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
+            tensors = [pb_utils.Tensor(n, o) for n, o in zip(names, outputs, strict=True)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         self._trim()
         return responses
 
@@ -114,7 +115,8 @@ class TritonPythonModel:
 
     def _prepare(self, images: list, prompts: list, options: dict[str, list]):
         count = len(images)
-        for name, values in [("PROMPT", prompts)] + [(n, options[f]) for n, (f, _) in TRITON_INPUTS.items() if f in options]:
+        option_values = [(n, options[f]) for n, (f, _) in TRITON_INPUTS.items() if f in options]
+        for name, values in [("PROMPT", prompts)] + option_values:
             if len(values) != count:
                 raise _BadRequest(f"{name} has {len(values)} values for {count} images")
         items = []

@@ -148,7 +148,8 @@ class DecoderConfig:
 
 
 class Linear:
-    """y = x @ weight.T + bias, with the weight laid out for the kernel that reads it fastest at a decode step's few rows.
+    """y = x @ weight.T + bias, with the weight laid out for the kernel that reads it fastest at a decode step's few
+    rows.
 
     On the CPU in float32: oneDNN's linear on the weight reordered once into its blocked layout (what torch's CPU
     inductor uses for frozen linears); measured for the BLIP-large decoder's step weights at 3 rows, 2 threads: 58 ms
@@ -275,7 +276,8 @@ class RowCache:
         tokens; rows keep their slot and what they hold."""
         if columns > self.max_columns:
             raise ValueError(f"sequences of {columns} tokens do not fit the cache's {self.max_columns} columns")
-        if slots <= self.slots and width <= self.width and image_tokens <= self.image_tokens and columns <= self.columns:
+        if (slots <= self.slots and width <= self.width and image_tokens <= self.image_tokens
+                and columns <= self.columns):
             return
         new_slots = max(_doubled(slots, self.slots), 1)
         new_width = max(width, self.width)
@@ -351,7 +353,8 @@ class BlipTextDecoder:
             return weights[name].to(device=self.device, dtype=dtype, copy=True).contiguous()
 
         def linear(*prefixes: str, few_rows: bool = True) -> Linear | Int8Linear:
-            weight, bias = torch.cat([w(p + ".weight") for p in prefixes]), torch.cat([w(p + ".bias") for p in prefixes])
+            weight = torch.cat([w(p + ".weight") for p in prefixes])
+            bias = torch.cat([w(p + ".bias") for p in prefixes])
             return Int8Linear(weight, bias) if int8 else Linear(weight, bias, few_rows)
 
         def ln(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:

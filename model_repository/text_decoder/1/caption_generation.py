@@ -488,7 +488,7 @@ def generate(
         return []
     columns = max(len(p) for p in prompts) + max(o.max_new_tokens for o in options)
     loop = DecodeLoop(decoder, columns)
-    for i, (prompt, item_options) in enumerate(zip(prompts, options)):
+    for i, (prompt, item_options) in enumerate(zip(prompts, options, strict=True)):
         loop.add(i, image_embeds[i], prompt, item_options)
     results: dict[int, list[Hypothesis] | None] = {}
     step = 0

@@ -111,9 +111,9 @@ class TritonPythonModel:
         except Exception:  # noqa: BLE001 - find the request that fails; the others are answered
             pb_utils.Logger.log_error(f"vision_encoder: a batch failed, running its requests one by one:\n"
                                       f"{traceback.format_exc()}")
-            return [self._alone(pixels, error) for pixels, error in zip(batches, errors)]
+            return [self._alone(pixels, error) for pixels, error in zip(batches, errors, strict=True)]
         responses, offset = [], 0
-        for pixels, error in zip(batches, errors):
+        for pixels, error in zip(batches, errors, strict=True):
             if error is not None:
                 responses.append(_error(error, pb_utils.TritonError.INVALID_ARG))
                 continue

@@ -189,7 +189,8 @@ def _cpu_per_caption(after: dict[str, float], before: dict[str, float], gateway:
 
 
 def _weights_bytes(repository: Path) -> int:
-    files = [repository / "vision_encoder" / "1" / "model.onnx", repository / "text_decoder" / "1" / "decoder.safetensors"]
+    files = [repository / "vision_encoder" / "1" / "model.onnx",
+             repository / "text_decoder" / "1" / "decoder.safetensors"]
     return sum(f.stat().st_size for f in files if f.exists())
 
 
@@ -369,7 +370,8 @@ def run(settings: Settings) -> dict:
     results["transformers_again"] = again
     one_by_one = baseline[0]["captions_per_second"]
     for precision, service in results["service"].items():
-        compare_to = reference if precision == "fp32" else texts.get("fp32", {}).get(("gateway", settings.concurrency[0]))
+        compare_to = (reference if precision == "fp32"
+                      else texts.get("fp32", {}).get(("gateway", settings.concurrency[0])))
         for row in service["rows"]:
             answers = texts[precision][(row["route"], row["concurrency"])]
             row["speedup"] = row["captions_per_second"] / one_by_one

@@ -53,7 +53,8 @@ def markdown(results: dict) -> str:
         weights = service["weights_bytes"] / 2**20
         overtaking = service.get("overtaking")
         over = ("" if not overtaking else
-                f"{'yes' if overtaking['short_finished_first'] else 'NO'}: short {overtaking['short_latency_s']:.2f} s, "
+                f"{'yes' if overtaking['short_finished_first'] else 'NO'}: "
+                f"short {overtaking['short_latency_s']:.2f} s, "
                 f"sent {overtaking.get('short_sent_after_s', 3.0):.2f} s into the long one, which took "
                 f"{overtaking['long_latency_s']:.2f} s ({overtaking.get('long_alone_s', float('nan')):.2f} s alone)")
         lines.append(f"| {precision} | {total:.0f} | {peak:.0f} | {weights:.0f} | {total / weights:.2f}x | "

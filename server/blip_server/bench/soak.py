@@ -90,7 +90,8 @@ class SoakReport:
         kinds = {kind: {"after_warmup_mb": mb(sum(p.get(kind, 0) for p in start["kinds"].values())),
                         "end_mb": mb(sum(p.get(kind, 0) for p in end["kinds"].values()))}
                  for kind in ("anon", "shmem", "file")}
-        return {"after_warmup_mb": mb(start["total"]), "end_mb": mb(end["total"]), "growth": end["total"] / start["total"] - 1,
+        return {"after_warmup_mb": mb(start["total"]), "end_mb": mb(end["total"]),
+                "growth": end["total"] / start["total"] - 1,
                 "processes": {name: {"after_warmup_mb": mb(start["processes"][name]), "end_mb": mb(value)}
                               for name, value in end["processes"].items() if name in start["processes"]},
                 "kinds": kinds}
@@ -114,7 +115,8 @@ class SoakReport:
                 per_process[name] = {"after_warmup_mb": min(first) / 2**20, "end_mb": min(final) / 2**20}
         kinds = {}
         for kind in ("anon", "shmem", "file"):
-            totals = [[sum(p.get(kind, 0) for p in s.get("kinds", {}).values()) for s in window] for window in (early, late)]
+            totals = [[sum(p.get(kind, 0) for p in s.get("kinds", {}).values()) for s in window]
+                      for window in (early, late)]
             if all(totals) and max(totals[0]):
                 kinds[kind] = {"after_warmup_mb": min(totals[0]) / 2**20, "end_mb": min(totals[1]) / 2**20}
         return {"after_warmup_mb": start / 2**20, "end_mb": end / 2**20, "growth": end / start - 1,
@@ -211,7 +213,8 @@ def soak(address: str, memory, minutes: float, concurrency: int, hostile_share: 
 def write(report: SoakReport, output: Path) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     summary = report.summary()
-    (output / "soak.json").write_text(json.dumps({"summary": summary, "rss": report.rss, "at_rest": report.at_rest}, indent=2))
+    (output / "soak.json").write_text(
+        json.dumps({"summary": summary, "rss": report.rss, "at_rest": report.at_rest}, indent=2))
     return summary
 
 
@@ -228,19 +231,22 @@ def markdown(summary: dict) -> str:
     ]
     rest = summary.get("at_rest")
     if rest:
+        rest_rows = {**rest["processes"], **{f"backed by {k}": v for k, v in rest["kinds"].items()}}
         lines += ["", f"Memory retained at rest by all server processes (PSS): {rest['after_warmup_mb']:.0f} MB after "
                       f"the warm-up, {rest['end_mb']:.0f} MB at the end ({rest['growth']:+.1%})", "",
                   "| at rest | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                   *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
-                    for name, p in {**rest["processes"], **{f"backed by {k}": v for k, v in rest["kinds"].items()}}.items()]]
+                    for name, p in rest_rows.items()]]
     if rss:
-        lines += ["", f"Under load (smallest total of a minute, requests in flight included): {rss['after_warmup_mb']:.0f} MB "
-                      f"in the minute after the warm-up, {rss['end_mb']:.0f} MB in the last minute ({rss['growth']:+.1%}); "
+        lines += ["", "Under load (smallest total of a minute, requests in flight included): "
+                      f"{rss['after_warmup_mb']:.0f} MB in the minute after the warm-up, "
+                      f"{rss['end_mb']:.0f} MB in the last minute ({rss['growth']:+.1%}); "
                       f"peak {rss['max_mb']:.0f} MB", "",
                   "| process | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                   *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
                     for name, p in rss["processes"].items()]]
         if rss.get("kinds"):
             lines += ["", "| backed by | after warm-up MB | end MB |", "| --- | ---: | ---: |",
-                      *[f"| {kind} | {k['after_warmup_mb']:.0f} | {k['end_mb']:.0f} |" for kind, k in rss["kinds"].items()]]
+                      *[f"| {kind} | {k['after_warmup_mb']:.0f} | {k['end_mb']:.0f} |"
+                        for kind, k in rss["kinds"].items()]]
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def measure(address: str, held_out: list[tuple[bytes, str]], concurrency: int = 
                                           return_exceptions=True)
             wrong = [
                 {"expected": prefix + caption, "got": str(r) if isinstance(r, CaptionError) else r.text}
-                for (_, caption), r in zip(held_out, results)
+                for (_, caption), r in zip(held_out, results, strict=True)
                 if isinstance(r, CaptionError) or r.text != prefix + caption
             ]
             report[name] = {"accuracy": 1 - len(wrong) / len(held_out), "wrong": wrong}

@@ -14,6 +14,7 @@ that turns them back: such a scene is only captioned right if the orientation is
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ def _layout(rng: random.Random, sides: list[int], canvas: int) -> list[tuple[int
         return None
     cuts = sorted(rng.uniform(0, free) for _ in range(len(sides)))
     corners, x = [], 0.0
-    for side, cut in zip(sides, [cuts[0]] + [b - a for a, b in zip(cuts, cuts[1:])]):
+    for side, cut in zip(sides, [cuts[0]] + [b - a for a, b in itertools.pairwise(cuts)], strict=True):
         x += cut
         corners.append((round(x), rng.randint(0, canvas - side)))
         x += side + gap
@@ -132,8 +133,9 @@ def render(rng: random.Random, style: SceneStyle = SceneStyle()) -> Scene:
     image = Image.new("RGB", (canvas * scale, canvas * scale), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     objects = []
-    for (shape, colour, size), side, (x, y) in zip(kinds, sides, corners):
-        fill = tuple(min(255, max(0, c + rng.randint(-style.colour_jitter, style.colour_jitter))) for c in COLOURS[colour])
+    for (shape, colour, size), side, (x, y) in zip(kinds, sides, corners, strict=True):
+        fill = tuple(min(255, max(0, c + rng.randint(-style.colour_jitter, style.colour_jitter)))
+                     for c in COLOURS[colour])
         box = (x, y, x + side, y + side)
         _draw(draw, shape, box, fill, scale)
         objects.append(SceneObject(shape, colour, size, box))

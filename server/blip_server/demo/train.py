@@ -49,7 +49,8 @@ class TrainConfig:
     sincos_positions: bool = True  # start the vision position embeddings from a 2-D sine-cosine grid
     pixelated_patches: bool = True  # start the patch embedding as average pooling (a low-resolution view)
     threads: int = 2
-    bf16: bool = True  # bfloat16 autocast for the forward pass (weights stay float32): ~3x faster on CPUs with AVX512-BF16
+    # bfloat16 autocast for the forward pass (weights stay float32): ~3x faster on CPUs with AVX512-BF16
+    bf16: bool = True
     loader_workers: int = 1
     eval_every: int = 1000
     eval_scenes: int = 120
@@ -125,7 +126,7 @@ def _batches(config: TrainConfig, processor):
     size = processor.image_processor.size.height
 
     def collate(samples):
-        datas, texts, prompted = zip(*samples)
+        datas, texts, prompted = zip(*samples, strict=True)
         resized = torch.from_numpy(np.stack([_resized(d, size) for d in datas]))
         tokens = processor.tokenizer(list(texts), padding=True, return_tensors="pt")
         input_ids = tokens["input_ids"].clone()
@@ -138,7 +139,8 @@ def _batches(config: TrainConfig, processor):
 
     style = SceneStyle(native_canvas=config.native_canvas, two_objects=config.two_objects)
     loader = DataLoader(Dataset(config.seed, config.prompted_fraction, style), batch_size=config.batch_size,
-                        collate_fn=collate, num_workers=config.loader_workers, prefetch_factor=4 if config.loader_workers else None,
+                        collate_fn=collate, num_workers=config.loader_workers,
+                        prefetch_factor=4 if config.loader_workers else None,
                         persistent_workers=bool(config.loader_workers))
     return iter(loader)
 
@@ -153,14 +155,15 @@ def evaluate(model, processor, scenes: list[tuple[bytes, str]], batch_size: int 
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             pixels = pixel_values(processor, [d for d, _ in chunk])
-            plain = processor.batch_decode(model.generate(pixel_values=pixels, **SERVICE_DEFAULTS), skip_special_tokens=True)
+            plain = processor.batch_decode(model.generate(pixel_values=pixels, **SERVICE_DEFAULTS),
+                                           skip_special_tokens=True)
             prompt = processor(text=[PROMPT] * len(chunk), return_tensors="pt")
             prompted = processor.batch_decode(
-                model.generate(pixel_values=pixels, input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                               **SERVICE_DEFAULTS),
+                model.generate(pixel_values=pixels, input_ids=prompt["input_ids"],
+                               attention_mask=prompt["attention_mask"], **SERVICE_DEFAULTS),
                 skip_special_tokens=True,
             )
-            for (_, caption), a, b in zip(chunk, plain, prompted):
+            for (_, caption), a, b in zip(chunk, plain, prompted, strict=True):
                 correct["unconditional"] += a == caption
                 correct["prompted"] += b == f"{PROMPT} {caption}"
     model.train()
@@ -188,13 +191,15 @@ def train(config: TrainConfig, log=print) -> dict:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate, betas=(0.9, 0.98))
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.learning_rate, betas=(0.9, 0.98))
 
     def learning_rate(step: int) -> float:
         if step < config.warmup_steps:
             return config.learning_rate * (step + 1) / config.warmup_steps
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (1 + math.cos(math.pi * progress))
+        return (config.min_learning_rate
+                + 0.5 * (config.learning_rate - config.min_learning_rate) * (1 + math.cos(math.pi * progress)))
 
     scenes = held_out(config.eval_scenes, config.eval_seed)
     batches = _batches(config, processor)

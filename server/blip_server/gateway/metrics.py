@@ -11,6 +11,7 @@ Each gateway has a registry of its own, so several can live in one process (test
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -44,10 +45,8 @@ class GatewayMetrics:
         self.replica_up.labels(endpoint).set(1 if up else 0)
 
     def forget_replica(self, endpoint: str) -> None:
-        try:
+        with contextlib.suppress(KeyError):  # never reported
             self.replica_up.remove(endpoint)
-        except KeyError:
-            pass
 
     def serve(self, host: str, port: int) -> int:
         """Expose the metrics over HTTP on host:port (0: a free port); returns the port."""

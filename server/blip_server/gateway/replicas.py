@@ -17,6 +17,7 @@ fewest calls in flight, ties taken in turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -205,10 +206,8 @@ class ReplicaPool:
             drain.cancel()
 
     async def _drain(self, replica: Replica, idle: asyncio.Event) -> None:
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):  # the grace is over: close with calls in flight
             await asyncio.wait_for(idle.wait(), self.drain_grace)
-        except asyncio.TimeoutError:
-            pass
         if replica._drain is not asyncio.current_task():
             return  # resolved again meanwhile (a cancellation that came too late to interrupt the wait)
         # From here on nothing can bring it back: it leaves `draining` before the first await, so a name that
@@ -235,7 +234,7 @@ class ReplicaPool:
         await self._update_members()
         replicas = list(self.replicas.values())
         states = await asyncio.gather(*(r.check(self.health_timeout) for r in replicas))
-        for replica, up in zip(replicas, states):
+        for replica, up in zip(replicas, states, strict=True):
             self._set(replica, up and not replica.suspended, "suspended" if replica.suspended else "not ready")
         return self.ready
 
