@@ -218,7 +218,7 @@ def cached_wheels(run: Runner) -> Path:
     partial = CACHE / f".{folder.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name, reqs in sets.items():
+    for reqs in sets.values():
         run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
              "--dest", str(partial), *reqs], timeout=600)
     torches = sorted(p.name for p in partial.glob("torch-*.whl"))
@@ -551,7 +551,8 @@ print(json.dumps({
             # Triton's /tmp is a tmpfs of the Compose file's (the gateway has none: it writes nothing). Podman mounts
             # one at /tmp of any read-only container by itself (Docker does not), so the check is that
             # podman-compose passed the Compose file's on.
-            tmpfs = any(a == "--tmpfs" and b == "/tmp" for a, b in zip(created, created[1:]))
+            # Adjacent pairs of arguments: the shifted copy is one shorter, so truncating is intended.
+            tmpfs = any(a == "--tmpfs" and b == "/tmp" for a, b in zip(created, created[1:], strict=False))
             if tmpfs != (service == "triton"):
                 problems.append(f"{name}: --tmpfs /tmp {'passed' if tmpfs else 'not passed'}: {created}")
             facts = json.loads(container_python(self.run, name, probe))

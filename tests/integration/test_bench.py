@@ -20,7 +20,8 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     again = results["transformers_again"]
     assert again["batch"] == 1 and again["identical_share"] == 1.0 and again["seconds"] > 0
     rows = results["service"]["fp32"]["rows"]
-    assert {(r["route"], r["concurrency"]) for r in rows} == {(route, c) for route in ("gateway", "triton") for c in (1, 4)}
+    assert {(r["route"], r["concurrency"]) for r in rows} == {
+        (route, c) for route in ("gateway", "triton") for c in (1, 4)}
     for row in rows:
         assert row["identical_share"] == 1.0 and row["identical_to"] == "transformers"
         assert row["captions"] == 6 and row["captions_per_second"] > 0

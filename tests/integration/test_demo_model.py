@@ -68,7 +68,10 @@ def test_exif_orientation_decides_left_and_right(demo_service):
         prompted = [r.text for r in client.caption_many(files, prompt=PROMPT)]
         stored_mirrored = [encode(scene, rng, fmt="JPEG", quality=92, orientation=2) for scene in found[:10]]
         mirrored = [r.text for r in client.caption_many([_without_exif(f) for f in stored_mirrored])]
-    right = lambda got, want: sum(a == b for a, b in zip(got, want)) / len(want)
+
+    def right(got, want):
+        return sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+
     assert right(upright, [s.caption for s in found]) >= 0.9, upright
     assert right(prompted, [f"{PROMPT} {s.caption}" for s in found]) >= 0.9, prompted
     # The same scenes stored mirrored and untagged are captioned in the swapped order: the model does read left

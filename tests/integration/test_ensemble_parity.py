@@ -35,7 +35,7 @@ def test_captions_equal_transformers(servers, checkpoint):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(ask, jobs))
-    for (kind, case, prompt), (texts, scores) in zip(jobs, answers):
+    for (kind, case, prompt), (texts, scores) in zip(jobs, answers, strict=True):
         expected_texts, expected_scores = reference.caption(server.checkpoint, KINDS[kind], prompt, **CASES[case])
         assert texts == expected_texts, (kind, case, prompt)
         assert scores == pytest.approx(expected_scores, abs=1e-4), (kind, case, prompt)

@@ -23,7 +23,8 @@ GOOD = [
 ]
 BAD = [
     (b"\x89PNG\r\n\x1a\n this is not really a png", None, dict(), "could not decode the image"),
-    (KINDS["jpeg"], None, dict(num_beams=3, num_return_sequences=5), "num_return_sequences=5 is out of range: allowed 1 to 3"),
+    (KINDS["jpeg"], None, dict(num_beams=3, num_return_sequences=5),
+     "num_return_sequences=5 is out of range: allowed 1 to 3"),
     (KINDS["png"], None, dict(top_p=0.0, do_sample=True), "top_p=0.0 is out of range"),
 ]
 
@@ -68,7 +69,7 @@ def test_concurrent_mixed_requests_are_batched_and_bad_ones_fail_alone(servers):
     for t in threads:
         t.join(timeout=120)
 
-    for (image, prompt, options, error), result in zip(requests, results):
+    for (image, prompt, options, error), result in zip(requests, results, strict=True):
         if error is None:
             assert not isinstance(result, Exception), result
             expected = reference.caption(server.checkpoint, image, prompt, **options)
@@ -128,8 +129,11 @@ def test_a_short_caption_does_not_wait_behind_long_ones(servers):
 
 def test_seeded_sampling_is_reproducible_through_the_server(servers):
     client = servers("standard").client()
-    ask = lambda seed: captions(client.infer("blip_caption", caption_inputs(
-        KINDS["jpeg"], do_sample=True, num_beams=1, num_return_sequences=3, seed=seed, temperature=1.3)))[0][0]
+
+    def ask(seed):
+        return captions(client.infer("blip_caption", caption_inputs(
+            KINDS["jpeg"], do_sample=True, num_beams=1, num_return_sequences=3, seed=seed, temperature=1.3)))[0][0]
+
     first = ask(123)
     assert ask(123) == first and len(first) == 3
     assert any(ask(seed) != first for seed in (124, 125, 126))

@@ -14,7 +14,7 @@ import time
 import pytest
 import tritonclient.grpc as grpcclient
 
-from blip_client import CaptionClient, GenerationOptions
+from blip_client import CaptionClient, GenerationOptions, InvalidArgumentError
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.replicas import ReplicaPool
 from support import images, reference
@@ -118,7 +118,7 @@ def test_blip_serve_reports_metrics_of_calls_and_its_replica(service):
     with CaptionClient(service.address) as client:
         before = service.metrics()
         client.caption(KINDS["jpeg"])
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidArgumentError):
             client.caption(b"not an image")
         after = service.metrics()
 

@@ -3,6 +3,7 @@ under load, a second signal, a full server; Triton's administrative APIs closed;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -59,7 +60,8 @@ def _stub_of(serve: ServeProcess, model: str) -> int:
     return next(pid for pid, command in procfs.children(triton).items() if f"/{model}/1/model.py" in command)
 
 
-@pytest.mark.parametrize("fault", ["stub preprocess", "stub vision_encoder", "stub text_decoder", "SIGSTOP tritonserver"])
+@pytest.mark.parametrize("fault", ["stub preprocess", "stub vision_encoder", "stub text_decoder",
+                                   "SIGSTOP tritonserver"])
 def test_a_fault_is_detected_answered_unavailable_and_repaired(served, fault):
     expected = reference.caption(served.checkpoint, KINDS["png"])[0][0]
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,9 +135,11 @@ def test_mutual_tls_api_keys_a_full_server_and_sigterm_under_load(repositories, 
                        certificate_chain=pki["client_cert"].read_bytes()) == health_pb2.HealthCheckResponse.SERVING
         with CaptionClient(serve.address, api_key="k1", **tls) as client:
             assert client.caption(KINDS["jpeg"]).text == expected
-        with CaptionClient(serve.address, api_key="k1", tls_ca=pki["ca"], retry=None, timeout=5) as no_cert:
-            with pytest.raises(UnavailableError):
-                no_cert.caption(KINDS["jpeg"])
+        with (
+            CaptionClient(serve.address, api_key="k1", tls_ca=pki["ca"], retry=None, timeout=5) as no_cert,
+            pytest.raises(UnavailableError),
+        ):
+            no_cert.caption(KINDS["jpeg"])
 
         # Full: more heavy calls at once than --max-concurrent-requests; the rest are refused, not queued.
         with CaptionClient(serve.address, api_key="k1", retry=None, **tls) as client:
@@ -208,8 +212,5 @@ def test_a_second_signal_kills_triton_and_blip_serve_still_waits_for_every_stub(
 
 
 def _swallow(address: str) -> None:
-    with CaptionClient(address, retry=None, timeout=60) as client:
-        try:
-            client.caption(KINDS["jpeg"], options=HEAVY)
-        except CaptionError:
-            pass
+    with CaptionClient(address, retry=None, timeout=60) as client, contextlib.suppress(CaptionError):
+        client.caption(KINDS["jpeg"], options=HEAVY)

@@ -38,7 +38,8 @@ def _expected(service, kind, prompt=None, **options):
 
 def test_unary_captions_equal_transformers(service):
     with CaptionClient(service.address) as client:
-        for kind, prompt, options in [("jpeg", "", {}), ("png_rgba", "a picture of", dict(num_beams=5, num_return_sequences=3)),
+        for kind, prompt, options in [("jpeg", "", {}),
+                                      ("png_rgba", "a picture of", dict(num_beams=5, num_return_sequences=3)),
                                       ("jpeg_exif_rotate_90", "", dict(num_beams=1, min_new_tokens=0))]:
             result = client.caption(KINDS[kind], prompt=prompt, options=GenerationOptions(**options), request_id=kind)
             texts, scores = _expected(service, kind, prompt or None, **options)
@@ -189,9 +190,10 @@ def test_the_cli_prints_json_lines_in_order_and_fails_when_an_image_fails(servic
     assert [line["image"] for line in lines] == [str(p) for p in paths] + [str(tmp_path / "missing.jpg")]
     assert lines[1]["error"]["code"] == "INVALID_ARGUMENT" and "could not decode" in lines[1]["error"]["message"]
     assert lines[4]["error"]["code"] == "NOT_FOUND"
-    for line, kind in zip([lines[0], lines[2], lines[3]], ["jpeg", "png", "webp"]):
+    for line, kind in zip([lines[0], lines[2], lines[3]], ["jpeg", "png", "webp"], strict=True):
         texts, scores = _expected(service, kind, num_beams=2)
-        assert line["captions"][0]["text"] == texts[0] and line["captions"][0]["score"] == pytest.approx(scores[0], abs=1e-4)
+        assert line["captions"][0]["text"] == texts[0]
+        assert line["captions"][0]["score"] == pytest.approx(scores[0], abs=1e-4)
     assert "image" in run.stderr and "%" in run.stderr  # the progress bar
     ok = subprocess.run(command[:1] + ["--server", service.address, "--prompt", "a picture of", str(paths[0])],
                         capture_output=True, text=True, timeout=60)
@@ -206,7 +208,10 @@ def test_health_api_keys_and_unavailable_while_triton_restarts(repositories, che
         serve.wait_ready()
         channel = grpc.insecure_channel(serve.address)
         health = health_pb2_grpc.HealthStub(channel)
-        status = lambda: health.Check(health_pb2.HealthCheckRequest(service="blip.caption.v1.CaptionService")).status
+
+        def status():
+            return health.Check(health_pb2.HealthCheckRequest(service="blip.caption.v1.CaptionService")).status
+
         assert status() == health_pb2.HealthCheckResponse.SERVING
         with CaptionClient(serve.address) as anonymous, pytest.raises(UnauthenticatedError):
             anonymous.caption(KINDS["jpeg"])
@@ -224,7 +229,8 @@ def test_health_api_keys_and_unavailable_while_triton_restarts(repositories, che
             while status() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert status() == health_pb2.HealthCheckResponse.SERVING
-            assert client.caption(KINDS["png"]).text == reference.caption(str(checkpoints["standard"]), KINDS["png"])[0][0]
+            assert client.caption(KINDS["png"]).text == (
+                reference.caption(str(checkpoints["standard"]), KINDS["png"])[0][0])
         assert "restarting Triton" in serve.log()
         channel.close()
     finally:

@@ -52,7 +52,8 @@ def test_the_checkpoints_generation_config_is_honoured_and_overridable(checkpoin
 
 def test_what_the_service_cannot_honour_is_refused_at_export(checkpoints, tmp_path):
     checkpoint = _with_generation_config(checkpoints, tmp_path, dict(num_beams=2, typical_p=0.5, num_beam_groups=2))
-    with pytest.raises(ExportError, match="sets num_beam_groups=2, typical_p=0.5, which the service does not implement"):
+    with pytest.raises(ExportError,
+                       match="sets num_beam_groups=2, typical_p=0.5, which the service does not implement"):
         export_checkpoint(checkpoint, tmp_path / "repository")
     limits = _with_generation_config(checkpoints, tmp_path / "second", dict(num_beams=12))
     with pytest.raises(ExportError, match="num_beams=12 is out of range: allowed 1 to 8"):

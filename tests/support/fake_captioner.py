@@ -21,10 +21,13 @@ FAILURES = {
 }
 
 
+_DEFAULT_LIMITS = GatewayLimits()  # frozen: one instance can be every captioner's default
+
+
 class FakeCaptioner(Captioner):
     """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
 
-    def __init__(self, limits=GatewayLimits()):
+    def __init__(self, limits=_DEFAULT_LIMITS):
         super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
         self.seen = []
         self.release = asyncio.Event()

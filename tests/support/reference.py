@@ -69,7 +69,7 @@ def generate(checkpoint: str, inputs: dict, seed: int | None = None, generation_
     eos = model.config.text_config.sep_token_id
     penalty = options.get("length_penalty", getattr(generation_config, "length_penalty", 1.0) or 1.0)
     scores = []
-    for row, sequence in zip(transitions, out.sequences):
+    for row, sequence in zip(transitions, out.sequences, strict=True):
         generated = sequence[-transitions.shape[1]:].tolist()  # a finished row is padded after its end
         length = generated.index(eos) + 1 if eos in generated else len(generated)
         scores.append(float(row[:length].sum()) / length ** penalty)

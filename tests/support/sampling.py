@@ -29,7 +29,7 @@ def sampled_requests_equal_transformers(call, checkpoint: str, kinds: dict, imag
     with ThreadPoolExecutor(max_workers=12) as pool:
         answers = list(pool.map(lambda job: call(kinds[job[0]], job[1], job[2]), jobs))
     checked = 0
-    for (kind, prompt, options, sampled), (texts, scores) in zip(jobs, answers):
+    for (kind, prompt, options, sampled), (texts, scores) in zip(jobs, answers, strict=True):
         if not sampled:
             continue
         expected_texts, expected_scores = reference.caption(checkpoint, kinds[kind], prompt, **options)

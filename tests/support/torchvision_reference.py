@@ -63,7 +63,8 @@ class TorchvisionReference:
             raise RuntimeError(f"could not build the torchvision environment ({' '.join(PACKAGES)}):\n"
                                + self._log.read_text()[-4000:])
 
-    def pixels(self, checkpoint: Path, files: dict[str, bytes]) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def pixels(self, checkpoint: Path,
+               files: dict[str, bytes]) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(the processor AutoProcessor picked, name -> torchvision pixels, name -> PIL pixels) of encoded files."""
         self.ready()
         work = self.directory / f"job-{len(list(self.directory.glob('job-*')))}"

@@ -41,7 +41,8 @@ def setup(request, checkpoints):
                          generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         embeds = model.vision_model(pixel_values=pixels).last_hidden_state
-    decoder = BlipTextDecoder(DecoderConfig(**decoder_config(model.config.text_config)), model.text_decoder.state_dict())
+    decoder = BlipTextDecoder(DecoderConfig(**decoder_config(model.config.text_config)),
+                              model.text_decoder.state_dict())
     return path, processor, pixels, embeds, decoder
 
 
@@ -88,7 +89,7 @@ def test_a_mixed_batch_decodes_each_item_as_if_alone(setup):
         [_prompt_ids(processor, decoder, p) for _, p, _ in items],
         [o for _, _, o in items],
     )
-    for (i, prompt, options), together in zip(items, batch):
+    for (i, prompt, options), together in zip(items, batch, strict=True):
         alone = generate(decoder, embeds[i : i + 1], [_prompt_ids(processor, decoder, prompt)], [options])[0]
         assert [h.tokens for h in together] == [h.tokens for h in alone]
         assert [h.score for h in together] == pytest.approx([h.score for h in alone], rel=1e-6, abs=1e-5)
@@ -116,7 +117,7 @@ def test_sampling_with_top_k_1_is_greedy(setup):
         GenerationOptions(num_beams=1, min_new_tokens=0, do_sample=True, top_k=1, num_return_sequences=2, seed=s)
         for s in range(IMAGES)
     ])
-    for g, s in zip(greedy, sampled):
+    for g, s in zip(greedy, sampled, strict=True):
         assert [h.tokens for h in s] == [g[0].tokens] * 2
 
 
@@ -252,7 +253,7 @@ def test_seeded_sampling_and_beam_sampling_equal_transformers_whatever_shares_th
 
     path, processor, pixels, embeds, decoder = setup
     plan = []
-    for k, (name, case) in enumerate(SAMPLING.items()):
+    for k, case in enumerate(SAMPLING.values()):
         for prompt in PROMPTS:
             plan.append((len(plan) % 3, k % IMAGES, prompt, case))  # (joining step, image, prompt, options)
     neighbours = [(1, 1, None, dict(num_beams=5)), (2, 2, "a picture of", dict(num_beams=1, do_sample=True, seed=99)),

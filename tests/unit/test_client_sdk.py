@@ -61,7 +61,8 @@ def test_options_keep_presence_through_the_wire():
     options = blip_client.GenerationOptions(num_beams=0, do_sample=False, seed=0)
     message = options.to_pb()
     assert [f.name for f, _ in message.ListFields()] == ["num_beams", "do_sample", "seed"]
-    assert blip_client.GenerationOptions.from_pb(caption_pb2.GenerationOptions.FromString(message.SerializeToString())) == options
+    assert blip_client.GenerationOptions.from_pb(
+        caption_pb2.GenerationOptions.FromString(message.SerializeToString())) == options
 
 
 def test_the_public_api_is_exported():

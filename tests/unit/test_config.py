@@ -15,9 +15,10 @@ from blip_server.serve import main as serve_main
 
 
 def test_configuration_comes_from_blip_environment_variables(tmp_path):
-    config = from_env(ServeConfig, {"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path), "BLIP_API_KEYS": "a,b",
-                                    "BLIP_STARTUP_TIMEOUT": "12.5", "BLIP_HOST": "0.0.0.0"})
-    assert (config.triton_grpc_port, config.model, config.startup_timeout, config.host) == (9001, tmp_path, 12.5, "0.0.0.0")
+    config = from_env(ServeConfig, {"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path),
+                                    "BLIP_API_KEYS": "a,b", "BLIP_STARTUP_TIMEOUT": "12.5", "BLIP_HOST": "0.0.0.0"})
+    assert (config.triton_grpc_port, config.model, config.startup_timeout, config.host) == (
+        9001, tmp_path, 12.5, "0.0.0.0")
     assert from_env(ServeConfig, {}).triton_http_port == 8000
     with pytest.raises(ValueError, match="BLIP_TRITON_HTTP_PORT='x' is not a valid int"):
         from_env(ServeConfig, {"BLIP_TRITON_HTTP_PORT": "x"})
@@ -27,7 +28,8 @@ def test_flags_override_the_environment_which_overrides_the_defaults():
     environ = {"BLIP_PORT": "6000", "BLIP_METRICS_PORT": "9100", "BLIP_CACHE_DIR": "/var/cache/blip"}
     config = parse_command_line(ServeConfig, ["--port", "7000", "--device", "cuda"], prog="blip-serve",
                                 description="", environ=environ)
-    assert (config.port, config.metrics_port, config.cache_dir, config.device) == (7000, 9100, Path("/var/cache/blip"), "cuda")
+    assert (config.port, config.metrics_port, config.cache_dir, config.device) == (
+        7000, 9100, Path("/var/cache/blip"), "cuda")
     with pytest.raises(SystemExit):
         parse_command_line(ServeConfig, ["--device", "tpu"], prog="blip-serve", description="", environ={})
 

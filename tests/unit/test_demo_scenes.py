@@ -1,4 +1,5 @@
-"""The demo world: scenes follow the rules of docs/demo-model.md, captions are right by construction, tokens fit the defaults."""
+"""The demo world: scenes follow the rules of docs/demo-model.md, captions are right by construction, tokens fit the
+defaults."""
 
 from __future__ import annotations
 

@@ -333,7 +333,8 @@ def test_images_are_renamed_in_one_documented_command(tmp_path):
     assert run.returncode == 0, run.stderr
     _, documents = kustomize(output)
     images = [c["image"] for d in documents if d["kind"] == "Deployment"
-              for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])]
+              for c in d["spec"]["template"]["spec"]["containers"]
+              + d["spec"]["template"]["spec"].get("initContainers", [])]
     assert sorted(images) == ["registry.example.com/team/blip-caption-gateway:1.2.3",
                               "registry.example.com/team/blip-caption-model:1.2.3",
                               "registry.example.com/team/blip-caption-triton:1.2.3"]
@@ -462,7 +463,8 @@ def test_no_package_registry_host_is_named_in_the_repository():
         if not path.is_file() or path.suffix in (".safetensors", ".png", ".jpg", ".onnx"):
             continue
         text = path.read_bytes().decode("utf-8", errors="ignore")
-        named += [f"{name}: {host}" for host in REGISTRY_HOSTS if host in text and name != Path(__file__).relative_to(ROOT).as_posix()]
+        named += [f"{name}: {host}" for host in REGISTRY_HOSTS
+                  if host in text and name != Path(__file__).relative_to(ROOT).as_posix()]
     assert named == []
 
 

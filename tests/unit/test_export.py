@@ -45,8 +45,10 @@ def test_the_repository_holds_what_the_checkpoint_says(checkpoints, repositories
 
     images = ImageProcessorConfig.from_json(repository / "preprocess" / "1" / "image_processor.json")
     ip = processor.image_processor
-    assert (images.height, images.width) == (ip.size.height, ip.size.width) == (model.config.vision_config.image_size,) * 2
-    assert list(images.image_mean) == pytest.approx(ip.image_mean) and list(images.image_std) == pytest.approx(ip.image_std)
+    assert (images.height, images.width) == (ip.size.height, ip.size.width) == (
+        (model.config.vision_config.image_size,) * 2)
+    assert list(images.image_mean) == pytest.approx(ip.image_mean)
+    assert list(images.image_std) == pytest.approx(ip.image_std)
     assert images.rescale_factor == ip.rescale_factor and images.resample == int(ip.resample)
 
     decoder = BlipTextDecoder.from_directory(repository / "text_decoder" / "1")
@@ -142,7 +144,8 @@ def test_every_export_has_gpu_configs_and_says_what_it_serves(checkpoints, repos
     repository = repositories["standard"]
     for model in ("vision_encoder", "text_decoder"):
         config = parse_config(repository / model / "configs" / "gpu.pbtxt")
-        assert config.backend == "python" and [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        assert config.backend == "python" and [g.kind for g in config.instance_group] == [
+            mc.ModelInstanceGroup.KIND_GPU]
         assert config.name == model
     # On the CPU the encoder runs a batch's images one by one (its activations outgrow the cache); a GPU, all at once.
     images_per_run = {name: parse_config(repository / "vision_encoder" / name).parameters["images_per_run"].string_value

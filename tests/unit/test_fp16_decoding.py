@@ -86,7 +86,7 @@ def test_the_demo_model_captions_fresh_scenes_as_accurately_in_fp16_as_in_fp32(d
             results = generate(decoder, embeds[precision], [prompt] * len(held_out),
                                [GenerationOptions()] * len(held_out))  # the service's defaults
             texts = [processor.decode(r[0].tokens, skip_special_tokens=True) for r in results]
-            misses = [(text, prefix + caption) for text, (_, caption) in zip(texts, held_out)
+            misses = [(text, prefix + caption) for text, (_, caption) in zip(texts, held_out, strict=True)
                       if text != prefix + caption]
             accuracy[precision, mode] = 1 - len(misses) / len(held_out)
             wrong[precision, mode] = misses
@@ -131,7 +131,7 @@ def random_models(request, checkpoints):
 
 
 def _share(a: list, b: list) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def _flips_beyond_chance(ours: int, theirs: int) -> bool:
@@ -168,7 +168,8 @@ def test_fp16_captions_against_transformers_fp16_and_our_fp32(random_models):
               + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
 
         assert got["ours", fp32] == got["transformers", fp32]  # parity, image by image
-        for tokens, score in zip(got["ours", fp16], scores):  # well-formed: BOS, new tokens within the limits
+        # Well-formed: BOS, new tokens within the limits.
+        for tokens, score in zip(got["ours", fp16], scores, strict=True):
             new = tokens[1:]
             assert tokens[0] == config.bos_token_id and all(0 <= t < config.vocab_size for t in tokens)
             assert options.min_new_tokens <= len(new) <= options.max_new_tokens
@@ -182,7 +183,8 @@ def test_fp16_captions_against_transformers_fp16_and_our_fp32(random_models):
 
 def _our_log_probs(decoder: BlipTextDecoder, embeds: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
     """Teacher-forced: the next-token log-probabilities after every prefix of every caption, by one step that feeds
-    all prefixes as prompts (prompts of different lengths, right-padded and masked: the path of mixed-length prompts)."""
+    all prefixes as prompts (prompts of different lengths, right-padded and masked: the path of mixed-length
+    prompts)."""
     prompts = [c[:n] for c in captions for n in range(1, len(c))]
     images = torch.repeat_interleave(torch.arange(len(captions)), torch.tensor([len(c) - 1 for c in captions]))
     with torch.inference_mode():

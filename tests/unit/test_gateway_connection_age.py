@@ -42,7 +42,9 @@ class States:
         client._channel.subscribe(lambda state: self.seen.append(state.name), try_to_connect=False)
 
     def goaways(self) -> int:
-        return sum(1 for before, after in zip(self.seen, self.seen[1:]) if (before, after) == ("READY", "IDLE"))
+        # Adjacent pairs of states: the shifted copy is one shorter, so truncating is intended.
+        return sum(1 for before, after in zip(self.seen, self.seen[1:], strict=False)
+                   if (before, after) == ("READY", "IDLE"))
 
 
 def wait_for(condition, what: str, timeout: float = 20) -> None:
@@ -86,7 +88,8 @@ def test_after_the_connection_age_new_calls_go_over_a_new_connection_and_none_fa
     server saw them), so no call fails, also for a client without a retry policy."""
     gateway = AgedGateway(FakeCaptioner(), max_age=0.2, grace=30)
     try:
-        with (CaptionClient(gateway.address) if retry == "default" else CaptionClient(gateway.address, retry=None)) as client:
+        with (CaptionClient(gateway.address) if retry == "default"
+              else CaptionClient(gateway.address, retry=None)) as client:
             states = States(client)
             failures, calls, stop = [], [0], threading.Event()
 

@@ -38,9 +38,11 @@ async def _release(captioner):
 @pytest.mark.parametrize("kind", sorted(FAILURES))
 def test_service_errors_become_their_status_codes(served, kind):
     gateway, _ = served
-    with CaptionClient(gateway.address) as client:
-        with pytest.raises(client_errors.ERRORS_BY_CODE[FAILURES[kind].code]) as error:
-            client.caption(IMAGE, prompt=f"fail:{kind}")
+    with (
+        CaptionClient(gateway.address) as client,
+        pytest.raises(client_errors.ERRORS_BY_CODE[FAILURES[kind].code]) as error,
+    ):
+        client.caption(IMAGE, prompt=f"fail:{kind}")
     assert error.value.message.startswith(FAILURES[kind].message)
 
 
@@ -102,7 +104,10 @@ def _png_header(width: int, height: int) -> bytes:
     import zlib
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
@@ -141,7 +146,8 @@ def test_a_stream_answers_every_item_and_survives_failed_ones(served):
         from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
         stub = caption_pb2_grpc.CaptionServiceStub(client._channel)
-        requests = [caption_pb2.CaptionRequest(image=IMAGE, prompt=p, request_id=f"id-{i}") for i, p in enumerate(prompts)]
+        requests = [caption_pb2.CaptionRequest(image=IMAGE, prompt=p, request_id=f"id-{i}")
+                    for i, p in enumerate(prompts)]
         for response in stub.CaptionStream(iter(requests)):  # the iterator's end is the client's half-close
             stub_answers[response.request_id] = response
     assert sorted(stub_answers) == sorted(f"id-{i}" for i in range(len(prompts)))
@@ -161,14 +167,18 @@ def test_model_info(served):
     gateway, _ = served
     with CaptionClient(gateway.address) as client:
         info = client.model_info()
-    assert (info.model, info.image_height, info.defaults.num_beams, info.limits.max_num_beams) == ("blip_caption", 384, 3, 8)
+    assert (info.model, info.image_height, info.defaults.num_beams, info.limits.max_num_beams) == (
+        "blip_caption", 384, 3, 8)
 
 
 def test_health_follows_readiness_and_reflection_lists_the_services(served):
     gateway, _ = served
     with grpc.insecure_channel(gateway.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        check = lambda: health.Check(health_pb2.HealthCheckRequest(service="blip.caption.v1.CaptionService")).status
+
+        def check():
+            return health.Check(health_pb2.HealthCheckRequest(service="blip.caption.v1.CaptionService")).status
+
         assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
         gateway.call(gateway.gateway.set_serving(True))
         assert check() == health_pb2.HealthCheckResponse.SERVING
@@ -183,7 +193,10 @@ def test_api_keys_are_required_when_configured():
     try:
         with CaptionClient(gateway.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
             anonymous.caption(IMAGE)
-        with CaptionClient(gateway.address, api_key="wrong") as wrong, pytest.raises(client_errors.UnauthenticatedError):
+        with (
+            CaptionClient(gateway.address, api_key="wrong") as wrong,
+            pytest.raises(client_errors.UnauthenticatedError),
+        ):
             list(wrong.caption_stream([IMAGE]))
         with CaptionClient(gateway.address, api_key="other") as right:
             assert right.caption(IMAGE, prompt="ok").text.startswith("ok")
@@ -311,7 +324,10 @@ def test_a_stream_answers_malformed_and_oversized_items_and_goes_on(served):
     from blip_client.protos.blip.caption.v1 import caption_pb2
 
     gateway, _ = served
-    good = lambda i: caption_pb2.CaptionRequest(image=IMAGE, prompt=f"p{i}", request_id=f"good-{i}").SerializeToString()
+
+    def good(i):
+        return caption_pb2.CaptionRequest(image=IMAGE, prompt=f"p{i}", request_id=f"good-{i}").SerializeToString()
+
     oversized = caption_pb2.CaptionRequest(image=b"x" * 5000, request_id="big").SerializeToString()  # limit: 1000
     items = [good(0), MALFORMED["not_protobuf"][0], good(1), MALFORMED["prompt_not_utf8"][0], oversized, good(2)]
     with grpc.insecure_channel(gateway.address) as channel:
@@ -334,9 +350,11 @@ def test_only_a_message_far_over_the_image_limit_ends_a_stream(served):
 
     gateway, captioner = served
     huge = caption_pb2.CaptionRequest(image=b"x" * (captioner.limits.max_message_bytes + 1)).SerializeToString()
-    with grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            list(_raw(channel, "CaptionStream", stream=True)(iter([huge]), timeout=30))
+    with (
+        grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        list(_raw(channel, "CaptionStream", stream=True)(iter([huge]), timeout=30))
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -349,9 +367,11 @@ def test_the_sdk_retries_unavailable_within_its_policy(served):
         assert client.caption(IMAGE, prompt="flaky:3").text.startswith("flaky:3")
     assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 3
     captioner.flaky = 0
-    with CaptionClient(gateway.address, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
-        with pytest.raises(UnavailableError):
-            client.caption(IMAGE, prompt="flaky:3")
+    with (
+        CaptionClient(gateway.address, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client,
+        pytest.raises(UnavailableError),
+    ):
+        client.caption(IMAGE, prompt="flaky:3")
     captioner.flaky = 0
     with CaptionClient(gateway.address, retry=None) as client, pytest.raises(UnavailableError):
         client.caption(IMAGE, prompt="flaky:1")

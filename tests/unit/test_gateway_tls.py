@@ -51,7 +51,8 @@ def test_tls_serves_the_api_health_and_reflection_and_refuses_plaintext(pki):
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-            answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            answer = next(reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
             assert "blip.caption.v1.CaptionService" in {s.name for s in answer.list_services_response.service}
         with CaptionClient(gateway.address, retry=None, timeout=5) as plaintext, pytest.raises(UnavailableError):
             plaintext.caption(IMAGE)

@@ -117,7 +117,8 @@ def test_tensorrt_builds_one_engine_per_precision_for_every_batch_size_and_cache
         (trt, trt_options), (cuda, cuda_options) = providers
         assert (trt, cuda) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
         assert trt_options["trt_profile_min_shapes"] == "PIXEL_VALUES:1x3x384x384"
-        assert trt_options["trt_profile_max_shapes"] == trt_options["trt_profile_opt_shapes"] == "PIXEL_VALUES:32x3x384x384"
+        assert trt_options["trt_profile_max_shapes"] == trt_options["trt_profile_opt_shapes"] == (
+            "PIXEL_VALUES:32x3x384x384")
         assert trt_options["trt_fp16_enable"] == fp16  # FP16 kernels for fp16 only
         assert trt_options["trt_engine_cache_enable"] == trt_options["trt_timing_cache_enable"] == "1"
         assert Path(trt_options["trt_engine_cache_path"]) == tmp_path / "tensorrt" / precision

@@ -30,8 +30,9 @@ def test_repetition_penalty():
     scores, histories, padded = _rows()
     penalties = [1.0, 1.3, 0.7, 2.0, 1.0, 5.5]
     ours = penalise_repetitions(scores.clone(), padded, torch.tensor(penalties))
-    for row, (h, p) in enumerate(zip(histories, penalties)):
-        expected = RepetitionPenaltyLogitsProcessor(p)(h[None], scores[row : row + 1].clone()) if p != 1.0 else scores[row : row + 1]
+    for row, (h, p) in enumerate(zip(histories, penalties, strict=True)):
+        expected = (RepetitionPenaltyLogitsProcessor(p)(h[None], scores[row : row + 1].clone()) if p != 1.0
+                    else scores[row : row + 1])
         assert torch.equal(ours[row : row + 1], expected)
 
 
@@ -41,7 +42,7 @@ def test_no_repeat_ngram(n):
     rows = [i for i, h in enumerate(histories) if len(h) >= n]  # the caller only asks for rows long enough
     lengths = torch.tensor([len(histories[i]) for i in rows])
     ours = ban_repeated_ngrams(scores[rows].clone(), padded[rows], lengths, n)
-    for out, row in zip(ours, rows):
+    for out, row in zip(ours, rows, strict=True):
         expected = NoRepeatNGramLogitsProcessor(n)(histories[row][None], scores[row : row + 1].clone())
         assert torch.equal(out[None], expected)
     assert torch.isinf(ours).any()
@@ -53,7 +54,8 @@ def test_top_k(min_keep):
     ks = [0, 1, 3, 50, 1, 7]
     ours = top_k_filter(scores.clone(), torch.tensor([max(k, min_keep) if k else 0 for k in ks]))
     for row, k in enumerate(ks):
-        expected = TopKLogitsWarper(k, min_tokens_to_keep=min_keep)(None, scores[row : row + 1].clone()) if k else scores[row : row + 1]
+        expected = (TopKLogitsWarper(k, min_tokens_to_keep=min_keep)(None, scores[row : row + 1].clone()) if k
+                    else scores[row : row + 1])
         assert torch.equal(ours[row : row + 1], expected)
 
 

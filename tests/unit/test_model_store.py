@@ -40,5 +40,6 @@ def test_paths_that_are_neither_are_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_repository(tmp_path / "missing", tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="no config.json.*checkpoint directory or an exported model repository"):
+    with pytest.raises(ModelNotFoundError,
+                       match="no config.json.*checkpoint directory or an exported model repository"):
         resolve_repository(tmp_path / "empty", tmp_path)

@@ -116,7 +116,8 @@ def test_no_deployment_file_passes_triton_flags_of_its_own():
     would make that Triton differ from the tested one."""
     files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml", *sorted((ROOT / "docker").rglob("*")),
              *sorted((ROOT / "deploy").rglob("*.yaml"))]
-    server_flags = {f.split("=")[0] for f in triton_command.server_flags("k", 1)} | {"--exit-on-error", "--strict-model-config"}
+    server_flags = {f.split("=")[0] for f in triton_command.server_flags("k", 1)} | {
+        "--exit-on-error", "--strict-model-config"}
     for path in files:
         if path.is_file():
             text = path.read_text()

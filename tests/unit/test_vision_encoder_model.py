@@ -114,7 +114,7 @@ def test_a_batch_runs_in_runs_of_images_per_run_each_in_its_own_turn(repositorie
     assert [size for event, size in recorder.events if event == "run"] == runs
     # Each run in a turn of its own: turn, run, end, turn, run, end...
     assert [event for event, _ in recorder.events] == ["turn", "run", "end"] * len(runs)
-    for response, expected in zip(responses, _expected(repositories, requests)):
+    for response, expected in zip(responses, _expected(repositories, requests), strict=True):
         assert response.error is None
         np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
 
@@ -127,7 +127,7 @@ def test_a_malformed_request_fails_alone_and_the_others_are_encoded(repositories
     assert [size for event, size in recorder.events if event == "run"] == [1, 1]
     assert responses[1].error.code == _TritonError.INVALID_ARG and "PIXEL_VALUES must be float32" in str(
         responses[1].error)
-    for response, expected in zip([responses[0], responses[2]], _expected(repositories, requests)):
+    for response, expected in zip([responses[0], responses[2]], _expected(repositories, requests), strict=True):
         np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
 
 
