@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import TypeVar
 
 import grpc
 
 from blip_client._errors import CaptionError, from_rpc_error
 from blip_client._images import ImageInput
 from blip_client._requests import (
+    DEFAULT,
+    DEFAULT_RETRY,
     DEFAULT_TARGET,
+    Default,
+    PemSource,
     RetryPolicy,
     build_request,
     channel_credentials,
@@ -21,7 +26,8 @@ from blip_client._requests import (
 from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
-_DEFAULT = object()
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 class AsyncCaptionClient:
@@ -32,8 +38,8 @@ class AsyncCaptionClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
-                 tls_ca=None, tls_cert=None, tls_key=None, credentials: grpc.ChannelCredentials | None = None,
-                 retry: RetryPolicy | None = RetryPolicy()):
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
         credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(retry)
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
@@ -45,32 +51,38 @@ class AsyncCaptionClient:
     async def __aenter__(self) -> AsyncCaptionClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method, request, timeout):
+    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request,
+                    timeout: float | Default | None) -> _Response:
         try:
-            return await method(request, timeout=self._timeout if timeout is _DEFAULT else timeout,
+            return await method(request, timeout=self._timeout if timeout is DEFAULT else timeout,
                                 metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
     async def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
-                      timeout: float | None = _DEFAULT, request_id: str = "") -> CaptionResult:
+                      timeout: float | Default | None = DEFAULT, request_id: str = "") -> CaptionResult:
         """Caption one image. Raises the errors CaptionClient.caption raises."""
         request = build_request(image, prompt, options, request_id)
         return CaptionResult.from_pb(await self._call(self._stub.Caption, request, timeout))
 
     async def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "",
-                           options: GenerationOptions | None = None, timeout: float | None = _DEFAULT,
-                           concurrency: int = 8, return_exceptions: bool = False) -> list[CaptionResult | CaptionError]:
-        """Caption many images with at most `concurrency` calls in flight; results in input order."""
+                           options: GenerationOptions | None = None, timeout: float | Default | None = DEFAULT,
+                           concurrency: int = 8,
+                           return_exceptions: bool = False) -> list[CaptionResult | BaseException]:
+        """Caption many images with at most `concurrency` calls in flight; results in input order.
+
+        With return_exceptions, a failed image's entry is its exception (as asyncio.gather gives it: a CaptionError
+        for a failed call, but also e.g. the OSError of an unreadable path); otherwise the first failure raises.
+        """
         slots = asyncio.Semaphore(max(1, concurrency))
 
-        async def one(image):
+        async def one(image: ImageInput) -> CaptionResult:
             async with slots:
                 return await self.caption(image, prompt=prompt, options=options, timeout=timeout)
 
@@ -87,5 +99,5 @@ class AsyncCaptionClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
-    async def model_info(self, timeout: float | None = _DEFAULT) -> ModelInfo:
+    async def model_info(self, timeout: float | Default | None = DEFAULT) -> ModelInfo:
         return ModelInfo.from_pb(await self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 
 from blip_client._errors import CaptionError, from_rpc_error
 from blip_client._images import ImageInput
 from blip_client._requests import (
+    DEFAULT,
+    DEFAULT_RETRY,
     DEFAULT_TARGET,
+    Default,
+    PemSource,
     RetryPolicy,
     build_request,
     channel_credentials,
@@ -21,7 +26,8 @@ from blip_client._requests import (
 from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
-_DEFAULT = object()
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 class CaptionClient:
@@ -36,8 +42,8 @@ class CaptionClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
-                 tls_ca=None, tls_cert=None, tls_key=None, credentials: grpc.ChannelCredentials | None = None,
-                 retry: RetryPolicy | None = RetryPolicy()):
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
         credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(retry)
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -49,20 +55,21 @@ class CaptionClient:
     def __enter__(self) -> CaptionClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request, timeout):
+    def _call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request,
+              timeout: float | Default | None) -> _Response:
         try:
-            return method(request, timeout=self._timeout if timeout is _DEFAULT else timeout, metadata=self._metadata)
+            return method(request, timeout=self._timeout if timeout is DEFAULT else timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
     def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
-                timeout: float | None = _DEFAULT, request_id: str = "") -> CaptionResult:
+                timeout: float | Default | None = DEFAULT, request_id: str = "") -> CaptionResult:
         """Caption one image (bytes, a path or a PIL image).
 
         Raises:
@@ -77,14 +84,14 @@ class CaptionClient:
         return CaptionResult.from_pb(self._call(self._stub.Caption, request, timeout))
 
     def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "", options: GenerationOptions | None = None,
-                     timeout: float | None = _DEFAULT, concurrency: int = 8,
+                     timeout: float | Default | None = DEFAULT, concurrency: int = 8,
                      return_exceptions: bool = False) -> list[CaptionResult | CaptionError]:
         """Caption many images with at most `concurrency` calls in flight; results in input order.
 
         With return_exceptions, a failed image's entry is its CaptionError; otherwise the first failure raises.
         """
 
-        def one(image):
+        def one(image: ImageInput) -> CaptionResult | CaptionError:
             try:
                 return self.caption(image, prompt=prompt, options=options, timeout=timeout)
             except CaptionError as error:
@@ -95,7 +102,8 @@ class CaptionClient:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(one, images))
 
-    def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "", options: GenerationOptions | None = None,
+    def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "",
+                       options: GenerationOptions | None = None,
                        timeout: float | None = None) -> Iterator[tuple[int, CaptionResult | CaptionError]]:
         """Caption images over one CaptionStream; yields (index in `images`, result or error) as they finish."""
         requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
@@ -105,6 +113,6 @@ class CaptionClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
-    def model_info(self, timeout: float | None = _DEFAULT) -> ModelInfo:
+    def model_info(self, timeout: float | Default | None = DEFAULT) -> ModelInfo:
         """What the server serves: model, image size, option defaults and limits."""
         return ModelInfo.from_pb(self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))

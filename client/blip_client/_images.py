@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, "PIL.Image.Image"]
+if TYPE_CHECKING:  # Pillow is needed only by callers that pass PIL images
+    import PIL.Image
+
+ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", "PIL.Image.Image"]
 
 
 def image_bytes(image: ImageInput) -> bytes:

@@ -3,14 +3,31 @@ retries, call metadata."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from dataclasses import dataclass
+from typing import Final, Union
+
+import grpc
 
 from blip_client._errors import CaptionError, code_from_name, error_for
 from blip_client._images import ImageInput, image_bytes
 from blip_client._types import CaptionResult, GenerationOptions
 from blip_client.protos.blip.caption.v1 import caption_pb2
+
+# A PEM file: its path, or its contents.
+PemSource = Union[str, "os.PathLike[str]", bytes]
+
+
+class Default(enum.Enum):
+    """The value of an argument left out, where None has a meaning of its own (a call's timeout: None is none)."""
+
+    DEFAULT = enum.auto()
+
+
+# A call's `timeout` when it passes none: the client's own timeout applies.
+DEFAULT: Final = Default.DEFAULT
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -53,7 +70,7 @@ class RetryPolicy:
     max_backoff: float = 4.0
     backoff_multiplier: float = 2.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 5:
             raise ValueError("max_attempts must be 1 to 5 (gRPC's limit)")
         if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
@@ -72,10 +89,13 @@ class RetryPolicy:
         }]})
 
 
+# The clients' default: RetryPolicy is frozen, so one instance serves every client.
+DEFAULT_RETRY = RetryPolicy()
 
-def channel_options(retry: RetryPolicy | None = RetryPolicy()) -> list[tuple[str, int | str]]:
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+def channel_options(retry: RetryPolicy | None = DEFAULT_RETRY) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     if retry is None or retry.max_attempts == 1:
         # No retry policy; gRPC's transparent retries stay on: they resend only a call that never reached the
         # server (e.g. one that raced a GOAWAY as the gateway renewed the connection at its maximum age).
@@ -86,21 +106,20 @@ def channel_options(retry: RetryPolicy | None = RetryPolicy()) -> list[tuple[str
                       ("grpc.retry_buffer_size", 4 * MAX_MESSAGE_BYTES)]
 
 
-def _read(value: str | os.PathLike | bytes | None) -> bytes | None:
+def _read(value: PemSource | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     with open(value, "rb") as f:
         return f.read()
 
 
-def channel_credentials(tls_ca=None, tls_cert=None, tls_key=None):
+def channel_credentials(tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                        tls_key: PemSource | None = None) -> grpc.ChannelCredentials | None:
     """TLS credentials from PEM files (paths or bytes), or None for a plaintext channel.
 
     tls_ca: the CA that signed the server's certificate (None: the system's roots); tls_cert and tls_key: this
     client's certificate and key, for servers that require mutual TLS.
     """
-    import grpc
-
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key (mutual TLS), or neither")
     if tls_ca is None and tls_cert is None:

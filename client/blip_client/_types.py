@@ -31,7 +31,8 @@ class GenerationOptions:
 
     @classmethod
     def from_pb(cls, message: caption_pb2.GenerationOptions) -> GenerationOptions:
-        return cls(**{f.name: getattr(message, f.name) for f in fields(cls) if message.HasField(f.name)})
+        present = {descriptor.name for descriptor, _ in message.ListFields()}  # the fields that are set
+        return cls(**{f.name: getattr(message, f.name) for f in fields(cls) if f.name in present})
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ def _options(args: argparse.Namespace) -> GenerationOptions:
     return GenerationOptions(**{f: getattr(args, f) for f in fields})
 
 
-def _caption_file(client: CaptionClient, path: str, args, options) -> CaptionResult | CaptionError:
+def _caption_file(client: CaptionClient, path: str, args: argparse.Namespace,
+                  options: GenerationOptions) -> CaptionResult | CaptionError:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -87,6 +88,7 @@ def _caption_file(client: CaptionClient, path: str, args, options) -> CaptionRes
 
 def _report(path: str, outcome: CaptionResult | CaptionError, as_json: bool) -> None:
     if as_json:
+        line: dict[str, object]
         if isinstance(outcome, CaptionError):
             line = {"image": path, "error": {"code": outcome.code.name, "message": outcome.message}}
         else:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                            tls_key=args.tls_key, retry=RetryPolicy(max_attempts=args.retries + 1))
     with client, ThreadPoolExecutor(args.concurrency) as pool:
         futures = [pool.submit(_caption_file, client, path, args, options) for path in args.paths]
-        for path, future in zip(args.paths, futures):
+        for path, future in zip(args.paths, futures, strict=True):
             outcome = future.result()
             failures += isinstance(outcome, CaptionError)
             if progress is not None:
