@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Protocol, TypeVar, overload
 
 PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_PROCESSORS = ("pil", "torchvision")
@@ -21,11 +23,32 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+class _Parser(Protocol):
+    """Turns a flag's or variable's text into a field's value; named in error messages."""
+
+    __name__: str
+
+    def __call__(self, raw: str, /) -> object: ...
+
+
 # Field annotation (a string, under `from __future__ import annotations`) -> parser of its text.
-FIELD_PARSERS = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "tuple[str, ...]": _list}
+FIELD_PARSERS: dict[object, _Parser] = {
+    "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "tuple[str, ...]": _list,
+}
+
+_T = TypeVar("_T")
+_Options = TypeVar("_Options", bound="GatewayOptions")
 
 
-def option(default=MISSING, help: str = "", *, factory=MISSING, **argparse_options):
+@overload
+def option(default: _T, help: str = "", **argparse_options: object) -> _T: ...
+
+
+@overload
+def option(*, factory: Callable[[], _T], help: str = "", **argparse_options: object) -> _T: ...
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, **argparse_options: object) -> Any:
     """A config field with its help text (and extra argparse settings such as `choices`)."""
     metadata = {"help": help, "argparse": argparse_options}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -120,12 +143,13 @@ class ServeConfig(GatewayOptions):
                                            "directory, removed on exit)")
 
 
-def from_env(cls, environ: dict[str, str] | None = None):
+def from_env(cls: type[_Options], environ: Mapping[str, str] | None = None) -> _Options:
     """Defaults of `cls`, overridden by BLIP_<FIELD> variables (e.g. BLIP_TRITON_GRPC_PORT=9001)."""
-    environ = os.environ if environ is None else environ
-    values = {}
+    variables: Mapping[str, str] = os.environ if environ is None else environ
+    # Each value has its own field's type, known from the field's annotation at run time only.
+    values: dict[str, Any] = {}
     for f in fields(cls):
-        raw = environ.get(f"BLIP_{f.name.upper()}")
+        raw = variables.get(f"BLIP_{f.name.upper()}")
         if raw is None or raw == "":
             continue
         kind = FIELD_PARSERS[f.type]
@@ -136,8 +160,8 @@ def from_env(cls, environ: dict[str, str] | None = None):
     return cls(**values)
 
 
-def parse_command_line(cls, argv: list[str] | None, *, prog: str, description: str,
-                       environ: dict[str, str] | None = None):
+def parse_command_line(cls: type[_Options], argv: Sequence[str] | None, *, prog: str, description: str,
+                       environ: Mapping[str, str] | None = None) -> _Options:
     """`cls` from flags, whose defaults come from BLIP_* variables, then from the class."""
     defaults = from_env(cls, environ)
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -7,8 +7,11 @@ build their Triton requests here, and a unit test checks the table against the e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 MODEL = "blip_caption"
 
@@ -35,13 +38,15 @@ class CaptionText:
     score: float
 
 
-def _tensor(module, name: str, datatype: str, values: np.ndarray):
+def _tensor(module: ModuleType, name: str, datatype: str, values: npt.NDArray[np.generic]) -> Any:
+    """A tritonclient `InferInput` (untyped) holding `values`."""
     tensor = module.InferInput(name, list(values.shape), datatype)
     tensor.set_data_from_numpy(values)
     return tensor
 
 
-def inputs(module, images: bytes | list[bytes], prompt: str | list[str] | None = None, **options) -> list:
+def inputs(module: ModuleType, images: bytes | list[bytes], prompt: str | list[str] | None = None,
+           **options: bool | int | float | None) -> list[Any]:
     """Inputs of one request for `module` (tritonclient.grpc or tritonclient.grpc.aio).
 
     A list of images makes a request with that many items; options are the same for all of them. Options that
@@ -61,12 +66,12 @@ def inputs(module, images: bytes | list[bytes], prompt: str | list[str] | None =
     return tensors
 
 
-def outputs(module) -> list:
+def outputs(module: ModuleType) -> list[Any]:
     return [module.InferRequestedOutput("CAPTIONS"), module.InferRequestedOutput("SCORES")]
 
 
-def captions(result) -> list[list[CaptionText]]:
-    """Per item of the request: its captions, best first."""
+def captions(result: Any) -> list[list[CaptionText]]:
+    """Per item of the request (a tritonclient `InferResult`, untyped): its captions, best first."""
     texts, scores = result.as_numpy("CAPTIONS"), result.as_numpy("SCORES")
     return [
         [CaptionText(t.decode("utf-8"), float(s)) for t, s in zip(row, score_row, strict=True)]

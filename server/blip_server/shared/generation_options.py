@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 # Triton input of the `blip_caption` ensemble -> (GenerationOptions field, Python type).
 TRITON_INPUTS = {
@@ -31,10 +38,10 @@ TRITON_INPUTS = {
 }
 
 
-def from_parameters(cls, parameters: dict[str, str], prefix: str):
+def from_parameters(cls: type[_Dataclass], parameters: Mapping[str, str], prefix: str) -> _Dataclass:
     """An instance of dataclass `cls` whose fields are overridden by `<prefix><field>` config parameters."""
     base = cls()
-    values = {}
+    values: dict[str, object] = {}
     for f in fields(cls):
         raw = parameters.get(prefix + f.name)
         if raw:
@@ -84,9 +91,11 @@ class GenerationOptions:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def with_values(self, **values) -> GenerationOptions:
+    def with_values(self, **values: object) -> GenerationOptions:
         """A copy with the given (already typed) values; None means "not set"."""
-        return replace(self, **{k: v for k, v in values.items() if v is not None})
+        # Each of its field's own type, which `replace` cannot check through one dict.
+        changes: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+        return replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -137,7 +146,7 @@ class GenerationOptions:
             if not ok:
                 raise OptionError(f"{name}={getattr(self, name)!r} is out of range: allowed {allowed}")
 
-        def in_range(name: str, low, high) -> None:
+        def in_range(name: str, low: float, high: float) -> None:
             value = getattr(self, name)
             check(name, low <= value <= high and math.isfinite(value), f"{low} to {high}")
 

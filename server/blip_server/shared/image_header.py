@@ -32,7 +32,7 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class ImageHeader:
-    format: str
+    format: str | None  # Pillow's name of it; None only for an image made in memory, never for one opened
     width: int
     height: int
     mode: str
