@@ -1,7 +1,8 @@
 """The static checkers run with the tests, so that a finding fails the README's test command (and CI).
 
 ruff over the whole repository (its rules in pyproject.toml), mypy --strict over the client SDK (a typed library
-that ships `py.typed`), bandit over the server for high-severity findings. Each prints what it found.
+that ships `py.typed`) and the gateway, bandit over the server for high-severity findings. Each prints what it
+found.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,8 +25,9 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_client_is_clean_under_mypy_strict(tmp_path):
-    result = _run("mypy", "--strict", "--cache-dir", str(tmp_path), "client/blip_client")
+@pytest.mark.parametrize("package", ["client/blip_client", "server/blip_server/gateway"])
+def test_mypy_strict_finds_nothing(package, tmp_path):
+    result = _run("mypy", "--strict", "--cache-dir", str(tmp_path), package)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.utils import InferenceServerException
+import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
+from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_server import ensemble
 from blip_server.gateway.errors import (
@@ -33,6 +35,7 @@ from blip_server.shared.generation_options import GenerationLimits, GenerationOp
 from blip_server.shared.image_header import ImageError, ImageLimits, read_header
 
 log = logging.getLogger("blip-serve.gateway")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +67,7 @@ class GatewayLimits:
 
 def _parse_default(name: str, raw: str) -> bool | int | float:
     """A `default_<option>` parameter of the preprocess config, as the type of the option's tensor."""
-    dtype = ensemble.OPTION_TENSORS[name][2]
+    dtype: Callable[[str], np.generic] = ensemble.OPTION_TENSORS[name][2]  # np.int32, np.float32, ...
     return raw.strip().lower() == "true" if dtype is np.bool_ else dtype(raw).item()
 
 
@@ -84,7 +87,7 @@ class Captioner:
         """Whether any Triton replica is ready (checks them all once)."""
         return await self.replicas.refresh()
 
-    async def _call(self, request):
+    async def _call(self, request: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
         try:
             return await self.replicas.call(request)
         except NoReplica as exc:
@@ -109,7 +112,8 @@ class Captioner:
         description = await self.describe()
         limits = GenerationLimits(**{f: description.limits[f] for f in GenerationLimits.__dataclass_fields__})
         try:
-            resolved = GenerationOptions(**description.defaults).with_values(**job.options)
+            defaults: dict[str, Any] = description.defaults  # each value has its own option's type
+            resolved = GenerationOptions(**defaults).with_values(**job.options)
             resolved.validate(limits, prompt_tokens=1, max_positions=1 << 30)
         except OptionError as exc:
             raise InvalidArgument(str(exc)) from None
@@ -132,7 +136,7 @@ class Captioner:
         return CaptionResult(captions, job.request_id, ensemble.MODEL)
 
     @contextlib.asynccontextmanager
-    async def _bytes_in_flight(self, size: int, timeout: float | None):
+    async def _bytes_in_flight(self, size: int, timeout: float | None) -> AsyncIterator[None]:
         """Wait until `size` more bytes fit the budget (an image larger than all of it goes alone)."""
         limit = self.limits.max_image_bytes_in_flight
         async with self._room:
@@ -156,7 +160,7 @@ class Captioner:
         parameters = {"deadline_unix_ms": int(deadline * 1000)} if deadline is not None else None
         inputs = ensemble.inputs(triton_aio, job.image, job.prompt or None, **job.options)
 
-        async def infer(client):  # on a retry, only the time left remains
+        async def infer(client: triton_aio.InferenceServerClient) -> Any:  # on a retry, only the time left remains
             left = None if deadline is None else max(0.001, deadline - time.time())
             return await client.infer(ensemble.MODEL, inputs, outputs=ensemble.outputs(triton_aio),
                                       client_timeout=left, parameters=parameters)

@@ -10,14 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar, cast
 
 import grpc
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 
 log = logging.getLogger("blip-serve.gateway")
+
+_TRequest = TypeVar("_TRequest")
+_TResponse = TypeVar("_TResponse")
+# What grpc.aio calls with each request (grpc-stubs types RpcMethodHandler's behaviours as the sync server's).
+UnaryBehavior = Callable[[_TRequest, "grpc.aio.ServicerContext[_TRequest, _TResponse]"], Awaitable[_TResponse]]
+StreamBehavior = Callable[
+    [AsyncIterator[_TRequest], "grpc.aio.ServicerContext[_TRequest, _TResponse]"], AsyncIterator[_TResponse]
+]
+# What a server interceptor is given: the next interceptor, or the handler's lookup.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[_TRequest, _TResponse] | None"]]
+Observe = Callable[[str, str, float], None]  # (method, status code name, seconds)
 
 
 class ServiceError(Exception):
@@ -104,23 +116,41 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ServiceError into its status and anything else into INTERNAL, for unary and streaming RPCs, and
     reports each finished call's method, status code and duration to `observe` (the metrics)."""
 
-    def __init__(self, observe: Callable[[str, str, float], None] = lambda method, code, seconds: None):
+    def __init__(self, observe: Observe = lambda method, code, seconds: None):
         self._observe = observe
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self,
+        continuation: Continuation[_TRequest, _TResponse],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_TRequest, _TResponse] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         service, _, method = handler_call_details.method.rpartition("/")
-        observe = self._observe if service.endswith(SERVICE) else (lambda *args: None)
+        observe: Observe = self._observe if service.endswith(SERVICE) else (lambda *args: None)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_unary(handler.unary_unary, method, observe))
+            unary = cast("UnaryBehavior[_TRequest, _TResponse]", handler.unary_unary)
+            return replace_behavior(handler, unary_unary=_unary(unary, method, observe))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_stream(handler.stream_stream, method, observe))
+            stream = cast("StreamBehavior[_TRequest, _TResponse]", handler.stream_stream)
+            return replace_behavior(handler, stream_stream=_stream(stream, method, observe))
         return handler
 
 
-def _interrupted(exc: BaseException, context) -> str:
+class _HandlerTuple(Protocol):
+    def _replace(self, **fields: object) -> object: ...
+
+
+def replace_behavior(handler: grpc.RpcMethodHandler[_TRequest, _TResponse],
+                     **behavior: object) -> grpc.RpcMethodHandler[_TRequest, _TResponse]:
+    """`handler._replace(**behavior)`: grpc's method handlers are namedtuples (grpc._utilities.RpcMethodHandler),
+    whose `_replace` grpc-stubs does not declare."""
+    replaced = cast(_HandlerTuple, handler)._replace(**behavior)
+    return cast("grpc.RpcMethodHandler[_TRequest, _TResponse]", replaced)
+
+
+def _interrupted(exc: BaseException, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> str:
     """The status of a call that ended without our answer: cancelled, past its deadline, or already aborted."""
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
@@ -133,8 +163,9 @@ def _interrupted(exc: BaseException, context) -> str:
 # Each wrapper reports the call's outcome before the status goes out, so that whoever sees the answer also sees it
 # counted.
 
-def _unary(behavior, method: str, observe):
-    async def wrapped(request, context):
+def _unary(behavior: UnaryBehavior[_TRequest, _TResponse], method: str,
+           observe: Observe) -> UnaryBehavior[_TRequest, _TResponse]:
+    async def wrapped(request: _TRequest, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> _TResponse:
         started = time.perf_counter()
         try:
             response = await behavior(request, context)
@@ -154,8 +185,10 @@ def _unary(behavior, method: str, observe):
     return wrapped
 
 
-def _stream(behavior, method: str, observe):
-    async def wrapped(request_iterator, context):
+def _stream(behavior: StreamBehavior[_TRequest, _TResponse], method: str,
+            observe: Observe) -> StreamBehavior[_TRequest, _TResponse]:
+    async def wrapped(request_iterator: AsyncIterator[_TRequest],
+                      context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
         started = time.perf_counter()
         try:
             async for response in behavior(request_iterator, context):

@@ -8,29 +8,35 @@ call or for the one stream item, instead of an UNKNOWN status that ends the call
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.ensemble import OPTION_TENSORS, CaptionText
 from blip_server.gateway.errors import InvalidArgument
 
 OPTION_FIELDS = tuple(OPTION_TENSORS)  # the GenerationOptions fields, same names in proto and ensemble
+OptionValue = bool | int | float  # a generation option's value
 
 
-def options_from_pb(message: caption_pb2.GenerationOptions) -> dict:
+def options_from_pb(message: caption_pb2.GenerationOptions) -> dict[str, OptionValue]:
     """Only the options the caller set (proto3 presence): an explicit 0 is a value, not "unset"."""
-    return {name: getattr(message, name) for name in OPTION_FIELDS if message.HasField(name)}
+    fields: Message = message  # HasField by a name only known at runtime
+    return {name: getattr(message, name) for name in OPTION_FIELDS if fields.HasField(name)}
 
 
-def options_to_pb(options: dict) -> caption_pb2.GenerationOptions:
-    return caption_pb2.GenerationOptions(**{k: v for k, v in options.items() if v is not None})
+def options_to_pb(options: Mapping[str, OptionValue | None]) -> caption_pb2.GenerationOptions:
+    # Each value has its own field's type (protobuf checks it), which a dict's value type cannot say per key.
+    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    return caption_pb2.GenerationOptions(**values)
 
 
 @functools.cache
-def _lenient_request():
+def _lenient_request() -> type[Message]:
     """CaptionRequest with every field as bytes: reads what the strict parser refused, to say which field is bad."""
     file = descriptor_pb2.FileDescriptorProto(name="blip/caption/v1/lenient.proto", package="blip.caption.v1.lenient",
                                               syntax="proto3")
@@ -46,7 +52,8 @@ def _lenient_request():
 def _why_unparsable(data: bytes) -> tuple[str, str]:
     """(request_id if it can be read, what is wrong) for bytes that are not a valid CaptionRequest."""
     try:
-        lenient = _lenient_request().FromString(data)
+        # Built from a descriptor at runtime: its fields are not known to the type checker.
+        lenient: Any = _lenient_request().FromString(data)
     except DecodeError:
         return "", f"the request ({len(data)} bytes) is not a valid blip.caption.v1.CaptionRequest message"
     request_id = lenient.request_id.decode("utf-8", errors="replace")
@@ -62,7 +69,7 @@ def _why_unparsable(data: bytes) -> tuple[str, str]:
 class CaptionJob:
     image: bytes
     prompt: str
-    options: dict
+    options: dict[str, OptionValue]
     request_id: str
 
     @classmethod
@@ -108,8 +115,8 @@ class ModelDescription:
     image_height: int
     image_width: int
     precision: str
-    defaults: dict = field(default_factory=dict)
-    limits: dict = field(default_factory=dict)
+    defaults: dict[str, OptionValue] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)
     early_stopping: str = "false"
 
     def to_pb(self) -> caption_pb2.ModelInfo:

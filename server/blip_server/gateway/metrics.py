@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -32,7 +33,7 @@ class GatewayMetrics:
                                registry=self.registry)
         self.replica_up = Gauge("blip_gateway_triton_replica_up", "1 while the Triton replica answers ready.",
                                 ["endpoint"], registry=self.registry)
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

@@ -12,14 +12,14 @@ import argparse
 import sys
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from blip_client._requests import channel_credentials
+from blip_client._requests import PemSource, channel_credentials
 from blip_server.gateway.server import SERVICE_NAME
 
 
-def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0, tls_ca=None, tls_cert=None,
-          tls_key=None) -> bool:
+def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0, tls_ca: PemSource | None = None,
+          tls_cert: PemSource | None = None, tls_key: PemSource | None = None) -> bool:
     credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
@@ -28,7 +28,7 @@ def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0, tls_c
                                                                timeout=timeout)
         except grpc.RpcError:
             return False
-    return answer.status == health_pb2.HealthCheckResponse.SERVING
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.utils import InferenceServerException
+import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
+from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_server import ensemble
 from blip_server.gateway.errors import triton_unavailable
@@ -63,7 +63,7 @@ class Replica:
     served: int = 0  # calls answered; for logs and tests
     draining: bool = False  # left the resolver's answer: takes no new call; closed once idle or after the grace
     closed: bool = False  # its channel is closed (by a drain or the pool's close)
-    _drain: asyncio.Task | None = field(default=None, init=False, repr=False)  # the drain in progress, if any
+    _drain: asyncio.Task[None] | None = field(default=None, init=False, repr=False)  # the drain in progress, if any
     _idle: asyncio.Event | None = field(default=None, init=False, repr=False)  # set when a draining one is idle
 
     def call_ended(self) -> None:
@@ -96,7 +96,8 @@ def _join(host: str, port: int) -> str:
 async def resolve(host: str, port: int) -> list[str]:
     """The endpoints (`ADDRESS:PORT`) that `host` resolves to now; OSError when it does not resolve."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [_join(address, port) for address in sorted({info[4][0] for info in infos})]
+    # IPv4 and IPv6 socket addresses start with the address as a str (typeshed's sockaddr also allows an int).
+    return [_join(address, port) for address in sorted({str(info[4][0]) for info in infos})]
 
 
 def _task_cancelled() -> bool:
@@ -127,7 +128,7 @@ class ReplicaPool:
     replicas: dict[str, Replica] = field(default_factory=dict)
     draining: dict[str, Replica] = field(default_factory=dict)  # left the answer, calls still in flight
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.targets:
             raise ValueError("at least one Triton endpoint is needed")
         if self.drain_grace < 0:
@@ -135,7 +136,7 @@ class ReplicaPool:
         self._parsed = [parse_endpoint(t) for t in self.targets]
         self._turn = itertools.count()
         self._resolved_at: float | None = None
-        self._drains: set[asyncio.Task] = set()  # every drain task not finished yet (closing ones included)
+        self._drains: set[asyncio.Task[None]] = set()  # every drain task not finished yet (closing ones included)
 
     # -- membership ------------------------------------------------------------------------------------------
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.auth import ApiKeyInterceptor
@@ -30,8 +31,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Gateway:
     """A running gateway: the gRPC server, its health servicer and the Captioner behind it."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer, captioner: Captioner,
-                 metrics: GatewayMetrics):
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+                 captioner: Captioner, metrics: GatewayMetrics):
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -78,7 +79,7 @@ def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | No
     signed (mutual TLS)."""
     if (cert is None) != (key is None):
         raise ValueError("--tls-cert and --tls-key go together")
-    if cert is None:
+    if cert is None or key is None:  # both None (checked above)
         if client_ca is not None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
@@ -110,7 +111,7 @@ def connection_age_options(max_age: float, grace: float) -> list[tuple[str, int]
     return options
 
 
-async def create_server(address: str, captioner: Captioner, api_keys: list[str] = (),
+async def create_server(address: str, captioner: Captioner, api_keys: Sequence[str] = (),
                         metrics: GatewayMetrics | None = None,
                         credentials: grpc.ServerCredentials | None = None,
                         max_connection_age: float = 0.0, max_connection_age_grace: float = 0.0) -> Gateway:

@@ -8,34 +8,44 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.errors import ServiceError, unexpected
 from blip_server.gateway.messages import CaptionJob, UnparsableRequest
 
 
-class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
+class CaptionServicer:
+    """Not a caption_pb2_grpc.CaptionServiceServicer: its methods take requests as bytes (see `method_handlers`),
+    not the parsed messages of the generated interface."""
+
     def __init__(self, captioner: Captioner, observe_item: Callable[[str, float], None] = lambda code, seconds: None):
         self.captioner = captioner
         self._observe_item = observe_item  # each CaptionStream item's status code and duration (the metrics)
 
-    async def Caption(self, request: bytes, context):
+    async def Caption(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, caption_pb2.CaptionResponse]
+    ) -> caption_pb2.CaptionResponse:
         job = CaptionJob.from_bytes(request)
         result = await self.captioner.caption(job, context.time_remaining())
         return result.to_pb()
 
-    async def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request: bytes,
+                           context: grpc.aio.ServicerContext[bytes, caption_pb2.ModelInfo]) -> caption_pb2.ModelInfo:
         return (await self.captioner.describe()).to_pb()
 
-    async def CaptionStream(self, request_iterator, context):
+    async def CaptionStream(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[bytes, caption_pb2.CaptionStreamResponse],
+    ) -> AsyncIterator[caption_pb2.CaptionStreamResponse]:
         """Items are captioned concurrently (up to the stream window) and answered as they finish."""
-        answers: asyncio.Queue = asyncio.Queue()
+        answers: asyncio.Queue[caption_pb2.CaptionStreamResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.captioner.limits.stream_window)
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: bytes) -> None:
             started, code, request_id = time.perf_counter(), "OK", ""
