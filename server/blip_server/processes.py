@@ -89,6 +89,20 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text.decode()) for s in family.samples}
 
 
+DECODER_COUNTERS = {"blip_decoder_steps": "steps", "blip_decoder_rows": "rows", "blip_decoder_step_seconds": "seconds"}
+
+
+def decoder_counters(port: int) -> dict[str, float]:
+    """The text decoder's own counters on Triton's metrics port (steps, rows summed over steps, the steps'
+    seconds): its execute() only queues requests for its decode loop, so Triton's statistics say nothing of the
+    decoding."""
+    found = dict.fromkeys(DECODER_COUNTERS.values(), 0.0)
+    for (name, _), value in scrape(port).items():
+        if name.removesuffix("_total") in DECODER_COUNTERS:
+            found[DECODER_COUNTERS[name.removesuffix("_total")]] += value
+    return found
+
+
 def process_name(command: str, pid: int) -> str:
     """How `memory()` and `cpu_seconds()` name a process: `tritonserver (1234)`, `stub preprocess (1240)`, ..."""
     return f"{short_name(command)} ({pid})"

@@ -8,7 +8,7 @@ import time
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from blip_server.processes import scrape
+from blip_server.processes import decoder_counters
 from support import images, reference
 from support.triton_requests import caption_inputs, captions
 
@@ -35,24 +35,14 @@ def _arrivals(client) -> int:
     return int(stats.get("inference_count", 0))
 
 
-def _decoder_counts(server) -> tuple[float, float]:
-    """The decoder's own counters: rows decoded (summed over steps) and steps. Triton's statistics cannot say
-    whether requests were decoded together: the decoder's execute() only hands them to its decode loop."""
-    samples = scrape(server.triton.options.metrics_port)
-
-    def total(name: str) -> float:
-        return sum(value for (sample, _), value in samples.items() if sample.removesuffix("_total") == name)
-
-    return total("blip_decoder_rows"), total("blip_decoder_steps")
-
-
 def test_concurrent_mixed_requests_are_batched_and_bad_ones_fail_alone(servers):
     server = servers("standard")
     client = server.client()
     requests = [(KINDS[k], p, o, None) for k, p, o in GOOD] + BAD
     requests = requests * 2
     results: list = [None] * len(requests)
-    before = _decoder_counts(server)
+    # The decoder's own counters: Triton's statistics count execute() calls, which only queue requests.
+    before = decoder_counters(server.triton.options.metrics_port)
     barrier = threading.Barrier(len(requests))
 
     def send(i):
@@ -81,8 +71,8 @@ def test_concurrent_mixed_requests_are_batched_and_bad_ones_fail_alone(servers):
             assert error in result.message()
     # Decoded one at a time, no step would have more rows than the widest request's (4 beams); the loop flushes
     # its counters when it falls idle, which it has once every answer is in.
-    after = _decoder_counts(server)
-    rows, steps = after[0] - before[0], after[1] - before[1]
+    after = decoder_counters(server.triton.options.metrics_port)
+    rows, steps = after["rows"] - before["rows"], after["steps"] - before["steps"]
     widest = max(max(o.get("num_beams", 3), o.get("num_return_sequences", 1)) for _, _, o in GOOD)
     assert steps > 0 and rows / steps > widest, f"{rows / max(steps, 1):.1f} rows a step: nothing was decoded together"
 

@@ -305,10 +305,7 @@ class RowCache:
                 shape = (new_slots, heads, size, image_tokens) if transposed else (new_slots, heads, image_tokens, size)
                 grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
                 if i < len(store):
-                    if transposed:
-                        grown[: self.slots, :, :, : self.image_tokens] = store[i]
-                    else:
-                        grown[: self.slots, :, : self.image_tokens] = store[i]
+                    grown[tuple(slice(0, n) for n in store[i].shape)] = store[i]  # the old corner, either layout
                     store[i] = grown
                 else:
                     store.append(grown)

@@ -199,7 +199,7 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
 
     from blip_client import CaptionClient, GenerationOptions
     from blip_server import ensemble
-    from blip_server.processes import ServeProcess, process_name
+    from blip_server.processes import ServeProcess, decoder_counters, process_name
 
     options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
     floor = caption_floor(repository, precision, machine, settings.tokens) if precision in PRECISIONS else None
@@ -224,14 +224,15 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
                 for route, ask in (("gateway", via_gateway), ("triton", via_triton)):
                     _warm_up(ask, images, concurrency)  # before the readings: they count the measured captions only
                     before = {m: _stats(triton, m) for m in ("preprocess", "vision_encoder", "text_decoder")}
-                    decoder_before = _decoder_metrics(serve)
+                    decoder_before = decoder_counters(serve.ports["metrics"])
                     cpu_before = serve.cpu_seconds()
                     row, answers = _measure(f"service {precision} via {route}, {concurrency} concurrent", ask, images,
                                             concurrency, kind="service", precision=precision, route=route)
                     cpu_after = serve.cpu_seconds()
                     after = {m: _stats(triton, m) for m in before}
                     row["models"] = {m: _delta(after[m], before[m]) for m in before}
-                    row["models"]["text_decoder"].update(_decoder_delta(_decoder_metrics(serve), decoder_before))
+                    decoder_after = decoder_counters(serve.ports["metrics"])
+                    row["models"]["text_decoder"].update(_decoder_delta(decoder_after, decoder_before))
                     row.update(_cpu_per_caption(cpu_after, cpu_before, gateway, len(images)))
                     row["decoder_s_per_caption"] = row["models"]["text_decoder"]["compute_s"] / len(images)
                     if floor is not None:
@@ -250,19 +251,6 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
     return {"rows": rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
             "weights_bytes": _weights_bytes(repository),
             "overtaking": overtaking, "floor": _floor_fields(floor) if floor else None}
-
-
-def _decoder_metrics(serve) -> dict[str, float]:
-    """The decoder's own counters (Triton's metrics port): steps, rows and the steps' seconds. Its execute() only
-    queues requests for its decode loop, so Triton's compute time for it says nothing of the decoding."""
-    from blip_server.processes import scrape
-
-    wanted = {"blip_decoder_steps": "steps", "blip_decoder_rows": "rows", "blip_decoder_step_seconds": "seconds"}
-    found = {name: 0.0 for name in wanted.values()}
-    for (name, _), value in scrape(serve.ports["metrics"]).items():
-        if name.removesuffix("_total") in wanted:
-            found[wanted[name.removesuffix("_total")]] += value
-    return found
 
 
 def _decoder_delta(after: dict[str, float], before: dict[str, float]) -> dict:
