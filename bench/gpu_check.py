@@ -54,14 +54,16 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+# The machine it runs on has this repository but not its packages installed: the product's (blip_server), the
+# lab's (blip_demo, for the random architecture) and the decoder's modules are imported from the source tree.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "server"), str(ROOT / "model_repository" / "text_decoder" / "1"),
+sys.path[:0] = [str(ROOT / "server"), str(ROOT / "bench"), str(ROOT / "model_repository" / "text_decoder" / "1"),
                 str(ROOT / "server" / "blip_server" / "shared")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from blip_server.random_checkpoint import CheckpointSpec, model_configs, randomise  # noqa: E402
+from blip_demo.random_checkpoint import CheckpointSpec, model_configs, randomise  # noqa: E402
 
 BOS, EOS, PAD, VOCAB = 30522, 102, 0, 30524  # BERT's layout, as in the Salesforce checkpoints
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def scenes(count: int, seed: int = 7) -> list[bytes]:
-    from blip_server.demo.scenes import encode, render
+    from blip_demo.scenes import encode, render
 
     rng = random.Random(seed)
     return [encode(render(rng), rng, fmt="JPEG", quality=90, orientation=1) for _ in range(count)]
@@ -34,8 +34,8 @@ def scenes(count: int, seed: int = 7) -> list[bytes]:
 
 def serve(tree: Path, checkpoint: str, cache: Path):
     """`blip-serve` with `tree`'s code, on free ports, with the flags every commit since the gateway has."""
+    from blip_bench.processes import CommandProcess
     from blip_server.ports import free_ports
-    from blip_server.processes import CommandProcess
 
     gateway, grpc, http, metrics = free_ports(4)
     source = os.pathsep.join(str(tree / part) for part in ("server", "client"))

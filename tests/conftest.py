@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip_demo.random_checkpoint import build
 from blip_server.export import export_checkpoint
-from blip_server.random_checkpoint import build
 from support.checkpoints import SPECS
 
 # The models the tests run in process are tiny: one thread is fastest for them, and more threads only fight the

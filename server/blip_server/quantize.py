@@ -63,7 +63,7 @@ def calibration_pixels(image_processor, count: int, seed: int) -> np.ndarray:
     processor makes them: what quantisation ranges are calibrated and checked on."""
     from PIL import Image
 
-    from blip_server.demo.scenes import render
+    from blip_demo.scenes import render
 
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)

@@ -312,8 +312,8 @@ class SmokeTest:
     # steps --------------------------------------------------------------------------------------------------
     def host_reference(self) -> None:
         """Captions of the examples from blip-serve on the host: what the containers must answer."""
+        from blip_bench.processes import ServeProcess
         from blip_client import CaptionClient
-        from blip_server.processes import ServeProcess
 
         self.run.say("reference: blip-serve on the host")
         serve = ServeProcess()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from blip_server.bench.cli import main
+from blip_bench.cli import main
 from blip_server.shared.cpu_turns import available_cores
 
 

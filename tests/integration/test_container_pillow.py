@@ -18,8 +18,8 @@ import pytest
 from image_header import ImageLimits
 from image_preprocessing import ImageProcessorConfig, preprocess
 
-from blip_server.bench.corpus import corpus
-from blip_server.demo.scenes import encode, render
+from blip_bench.corpus import corpus
+from blip_demo.scenes import encode, render
 from support import images, side_environment
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
+from blip_bench.processes import short_name
 from blip_server import procfs
 from blip_server.model_configs import set_parameters
-from blip_server.processes import short_name
 from blip_server.shared.cpu_turns import turns_path
 from blip_server.triton import remove_stale_turn_files
 from support.serve import ServeProcess

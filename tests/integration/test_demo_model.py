@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from blip_client import CaptionClient
-from blip_server.demo.evaluate import measure, scenes
-from blip_server.demo.scenes import PROMPT, encode, render
+from blip_demo.evaluate import measure, scenes
+from blip_demo.scenes import PROMPT, encode, render
 from blip_server.model_store import demo_checkpoint
 from support import reference
 from support.serve import ServeProcess

@@ -8,7 +8,7 @@ import time
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from blip_server.processes import decoder_counters
+from blip_bench.processes import decoder_counters
 from support import images, reference
 from support.triton_requests import caption_inputs, captions
 

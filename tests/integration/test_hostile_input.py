@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from blip_bench.corpus import CAPTION, Sample, corpus
 from blip_client import CaptionClient, CaptionError
-from blip_server.bench.corpus import CAPTION, Sample, corpus
 from support import images, reference
 
 GOOD = {f"good_{kind}": Sample(data, CAPTION) for kind, data in images.kinds(seed=71).items()
@@ -50,7 +50,7 @@ def test_the_soak_command_accounts_for_every_call(service, tmp_path):
     """A few seconds of `blip-bench soak` against the running service (the full soak is run by hand)."""
     import json
 
-    from blip_server.bench.cli import main
+    from blip_bench.cli import main
 
     assert main(["soak", "--server", service.address, "--minutes", "0.1", "--concurrency", "4", "--hostile", "0.3",
                  "--warmup", "0", "--output", str(tmp_path)]) == 0
@@ -63,7 +63,7 @@ def test_the_soak_command_accounts_for_every_call(service, tmp_path):
 def test_the_soak_reads_memory_at_rest_after_the_warm_up_and_at_the_end(service):
     """The retained-memory figures are read with no call in flight (the gateway's own gauge says so), the load
     resumes after the first, and the pause does not shorten the load."""
-    from blip_server.bench.soak import soak
+    from blip_bench.soak import soak
 
     def memory():  # each reading carries the gauge's value as a pseudo-process of that many bytes
         return {**service.memory(), "in flight": int(service.metrics()[("blip_gateway_in_flight_requests", ())])}

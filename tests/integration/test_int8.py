@@ -7,7 +7,7 @@ import json
 import onnx
 
 from blip_client import CaptionClient
-from blip_server.demo.evaluate import measure, scenes
+from blip_demo.evaluate import measure, scenes
 from blip_server.export import MIN_COSINE, ExportOptions, export_checkpoint
 from blip_server.model_configs import parse_config
 from blip_server.model_store import demo_checkpoint

@@ -22,7 +22,7 @@ KINDS = images.kinds(seed=41)
 def _scenes(count: int) -> dict[str, bytes]:
     import random
 
-    from blip_server.demo.scenes import encode, render
+    from blip_demo.scenes import encode, render
 
     rng = random.Random(17)
     return {f"scene_{i}": encode(render(rng), rng) for i in range(count)}

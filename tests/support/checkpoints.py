@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blip_server.random_checkpoint import CheckpointSpec
+from blip_demo.random_checkpoint import CheckpointSpec
 
 SPECS = {
     # BLIP's usual token layout and files, 384x384 input: the normal preprocessing path.

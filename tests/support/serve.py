@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from blip_server.processes import GatewayProcess, ServeProcess
+from blip_bench.processes import GatewayProcess, ServeProcess
 
 __all__ = ["GatewayProcess", "ServeProcess", "wait_gone"]
 

@@ -1,4 +1,4 @@
-"""`blip_server.bench.floor`: the encoder's FLOPs against a hand count, the floor of a caption from a repository's
+"""`blip_bench.floor`: the encoder's FLOPs against a hand count, the floor of a caption from a repository's
 files and the machine's rates, and the measurement itself on a tiny shape."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from blip_server.bench.floor import (
+from blip_bench.floor import (
     Machine,
     Rate,
     VisionArchitecture,

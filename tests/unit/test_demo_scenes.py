@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from blip_server.demo.model import build_processor
-from blip_server.demo.scenes import COLOURS, PROMPT, REFERENCE_CANVAS, SHAPES, SIZES, SceneStyle, encode, render
+from blip_demo.model import build_processor
+from blip_demo.scenes import COLOURS, PROMPT, REFERENCE_CANVAS, SHAPES, SIZES, SceneStyle, encode, render
 
 SCENES = [render(random.Random(seed)) for seed in range(300)]
 

@@ -6,8 +6,8 @@ import json
 
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
-from blip_server.demo.model import vocabulary
-from blip_server.demo.train import TrainConfig, train
+from blip_demo.model import vocabulary
+from blip_demo.train import TrainConfig, train
 
 
 def test_a_few_training_steps_write_a_standard_checkpoint(tmp_path):

@@ -19,12 +19,12 @@ from generation_options import GenerationOptions
 from image_preprocessing import ImageProcessorConfig
 from tritonclient.grpc import model_config_pb2 as mc
 
+from blip_demo.random_checkpoint import build
 from blip_server import export as export_module
 from blip_server import quantize as quantize_module
 from blip_server.errors import ExportError
 from blip_server.export import ExportOptions, export_checkpoint, main
 from blip_server.quantize import encoder_cosine
-from blip_server.random_checkpoint import build
 from blip_server.repository import MANIFEST, parse_config
 from support import reference
 from support.checkpoints import SHALLOW

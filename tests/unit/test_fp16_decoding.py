@@ -26,9 +26,9 @@ from blip_text_decoder import BlipTextDecoder, DecoderConfig
 from caption_generation import generate
 from generation_options import GenerationOptions
 
+from blip_demo.evaluate import scenes
+from blip_demo.scenes import PROMPT
 from blip_server.checkpoint import decoder_config
-from blip_server.demo.evaluate import scenes
-from blip_server.demo.scenes import PROMPT
 from blip_server.export import export_vision_encoder_onnx
 from blip_server.model_store import demo_checkpoint
 from blip_server.quantize import to_fp16

@@ -89,7 +89,7 @@ def _against_floor(results: dict) -> list[str]:
         return []
     lines = ["", "Against this machine's floor for one caption (the encoder's FLOPs at the best matrix-product rate "
                  "measured, plus one read of the decoder's step weights a token at the read bandwidth; see "
-                 "`blip_server.bench.floor`); the models' compute per caption from Triton's statistics, against "
+                 "`blip_bench.floor`); the models' compute per caption from Triton's statistics, against "
                  "their parts of the floor; other: the mean latency less the models' compute.", "",
              _rates(results["floor"]), "",
              "| run | floor s (encoder + decoder) | p50 latency / floor | s per caption / floor | "

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blip_server.bench.floor import (
+from blip_bench.floor import (
     PRECISIONS,
     CaptionFloor,
     Machine,
@@ -73,7 +73,7 @@ class Settings:
 def _scenes(count: int, seed: int = 7) -> list[bytes]:
     import random
 
-    from blip_server.demo.scenes import encode, render
+    from blip_demo.scenes import encode, render
 
     rng = random.Random(seed)
     return [encode(render(rng), rng, fmt="JPEG", quality=90, orientation=1) for _ in range(count)]
@@ -197,9 +197,9 @@ def _weights_bytes(repository: Path) -> int:
 def run_service(settings: Settings, repository: Path, precision: str, images: list[bytes], machine: Machine) -> dict:
     import tritonclient.grpc as grpcclient
 
+    from blip_bench.processes import ServeProcess, decoder_counters, process_name
     from blip_client import CaptionClient, GenerationOptions
     from blip_server import ensemble
-    from blip_server.processes import ServeProcess, decoder_counters, process_name
 
     options = dict(num_beams=settings.beams, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens)
     floor = caption_floor(repository, precision, machine, settings.tokens) if precision in PRECISIONS else None

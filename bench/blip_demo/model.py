@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blip_server.demo.scenes import COLOURS, PROMPT, SIZES
+from blip_demo.scenes import COLOURS, PROMPT, SIZES
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 SHAPE_PIECES = ["circ", "##le", "squ", "##are", "tri", "##angle"]

@@ -12,7 +12,7 @@ end at varied lengths. Vision weights are drawn with a ViT's usual spread (BLIP'
 them with a standard deviation of 1e-10, which makes every image encode to nearly the same embeddings): the
 image must matter to the caption, and numerical checks of the encoder (fp16, int8) must see real signal.
 
-    python -m blip_server.random_checkpoint --preset large --output /tmp/blip-large-random
+    python -m blip_demo.random_checkpoint --preset large --output /tmp/blip-large-random
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from blip_server.bench.soak import markdown, soak, write
-    from blip_server.processes import ServeProcess
+    from blip_bench.processes import ServeProcess
+    from blip_bench.soak import markdown, soak, write
 
     serve = None
     address, memory, kinds = args.server, (lambda: {}), (lambda: {})
@@ -48,13 +48,14 @@ def _run(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:  # found now, not after minutes of measuring
-        print("blip-bench run plots with matplotlib: pip install 'blip-caption-service[bench]'", file=sys.stderr)
+        print("blip-bench run plots with matplotlib, a dependency of blip-caption-bench: pip install -e ./bench",
+              file=sys.stderr)
         return 2
 
-    from blip_server.bench.benchmark import Settings, run
-    from blip_server.bench.report import write
+    from blip_bench.benchmark import Settings, run
+    from blip_bench.report import write
+    from blip_demo.random_checkpoint import CheckpointSpec, build
     from blip_server.model_store import demo_checkpoint
-    from blip_server.random_checkpoint import CheckpointSpec, build
     from blip_server.shared.cpu_turns import available_cores
 
     ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from blip_server.demo.scenes import PROMPT, encode, render
-from blip_server.processes import ServeProcess
+from blip_bench.processes import ServeProcess
+from blip_demo.scenes import PROMPT, encode, render
 
 EVALUATION_SEED = 20_261_129
 

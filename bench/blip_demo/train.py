@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from blip_server.demo.evaluate import scenes as held_out
-from blip_server.demo.model import DemoArchitecture, build_config, build_processor
-from blip_server.demo.scenes import PROMPT, SceneStyle, encode, render
+from blip_demo.evaluate import scenes as held_out
+from blip_demo.model import DemoArchitecture, build_config, build_processor
+from blip_demo.scenes import PROMPT, SceneStyle, encode, render
 
 SERVICE_DEFAULTS = dict(num_beams=3, max_new_tokens=20, min_new_tokens=5)
 

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blip_server.bench.corpus import CAPTION, Sample, corpus
+from blip_bench.corpus import CAPTION, Sample, corpus
 
 
 @dataclass
@@ -125,7 +125,7 @@ class SoakReport:
 
 def _samples(seed: int, exclude: tuple[str, ...] = ()) -> tuple[dict[str, Sample], dict[str, Sample]]:
     """(valid, hostile): demo scenes and unusual valid files; the hostile corpus; less the `exclude`d samples."""
-    from blip_server.demo.scenes import encode, render
+    from blip_demo.scenes import encode, render
 
     rng = random.Random(seed)
     everything = {name: s for name, s in corpus(seed=seed).items() if name not in exclude}
