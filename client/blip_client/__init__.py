@@ -5,6 +5,9 @@
     with CaptionClient("127.0.0.1:50051") as client:
         result = client.caption("photo.jpg", options=GenerationOptions(num_beams=5))
         print(result.text, result.captions[0].score)
+
+`channel_credentials` builds the TLS credentials both clients use from PEM files (`PemSource`: a path or the
+file's bytes), for other gRPC channels to the same service (the gateway's health probe uses it).
 """
 
 from blip_client._async_client import AsyncCaptionClient
@@ -20,7 +23,7 @@ from blip_client._errors import (
     UnavailableError,
 )
 from blip_client._images import ImageInput
-from blip_client._requests import RetryPolicy
+from blip_client._requests import PemSource, RetryPolicy, channel_credentials
 from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo
 
 __all__ = [
@@ -37,8 +40,10 @@ __all__ = [
     "InvalidArgumentError",
     "Limits",
     "ModelInfo",
+    "PemSource",
     "ResourceExhaustedError",
     "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
+    "channel_credentials",
 ]

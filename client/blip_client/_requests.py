@@ -16,7 +16,8 @@ from blip_client._images import ImageInput, image_bytes
 from blip_client._types import CaptionResult, GenerationOptions
 from blip_client.protos.blip.caption.v1 import caption_pb2
 
-# A PEM file: its path, or its contents.
+# A PEM file (a certificate, a CA's certificates or a key): its path (str or path-like), or its contents (bytes).
+# Public: blip_client.PemSource.
 PemSource = Union[str, "os.PathLike[str]", bytes]
 
 
@@ -115,10 +116,12 @@ def _read(value: PemSource | None) -> bytes | None:
 
 def channel_credentials(tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                         tls_key: PemSource | None = None) -> grpc.ChannelCredentials | None:
-    """TLS credentials from PEM files (paths or bytes), or None for a plaintext channel.
+    """TLS credentials from PEM files (paths or bytes), or None for a plaintext channel (none given).
 
     tls_ca: the CA that signed the server's certificate (None: the system's roots); tls_cert and tls_key: this
-    client's certificate and key, for servers that require mutual TLS.
+    client's certificate and key, for servers that require mutual TLS (both or neither: ValueError otherwise).
+    Public as `blip_client.channel_credentials`: what both clients build their channels with, for other channels
+    to the service (`grpc.secure_channel(address, credentials)`).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key (mutual TLS), or neither")

@@ -14,7 +14,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from blip_client._requests import PemSource, channel_credentials
+from blip_client import PemSource, channel_credentials
 from blip_server.gateway.server import SERVICE_NAME
 
 
