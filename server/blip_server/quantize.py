@@ -10,8 +10,8 @@
   fp32 is kept (else the closest). On the BLIP-large architecture, quantising everything gives 0.99887 and
   keeping the MLP output layers (`fc2`) of the first quarter of the layers fp32 gives 0.99903, at the same
   speed; the small demo model needs its attention projections fp32 (0.948 -> 0.998);
-- int8 `static`: weights and activations quantised with ranges calibrated on generated images, QDQ format
-  (`quantize_static`).
+- int8 `static`: weights and activations quantised with ranges calibrated on generated images
+  (`calibration_images`), QDQ format (`quantize_static`).
 
 Quality is measured, not assumed: `encoder_cosine` is the smallest cosine similarity between an encoder's output
 vectors and the fp32 ones on the same images.
@@ -58,23 +58,67 @@ def to_fp16(path: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
 
 
-def calibration_pixels(image_processor, count: int, seed: int) -> np.ndarray:
-    """Pixel values of generated images (the demo's scenes and photographic noise), as the checkpoint's
-    processor makes them: what quantisation ranges are calibrated and checked on."""
-    from PIL import Image
+def calibration_images(count: int, seed: int) -> list:
+    """`count` generated RGB images (Pillow), the same for the same seed, three kinds in turn:
 
-    from blip_demo.scenes import render
+    - photographic-like noise: 64x64 Gaussian noise (mean 128, deviation 50 a channel) resized bicubically to
+      320x240, soft blotches of colour at every scale a resize leaves;
+    - flat shapes on a plain light background: one to three ellipses, rectangles and triangles in saturated
+      colours of any hue, 1/8 to 2/5 of a square canvas of 160 to 640 pixels a side;
+    - the same kind of shapes on a linear gradient between two random colours, in any direction, with a fine
+      grain (Gaussian, deviation 8) over the whole image.
+
+    Drawn here with Pillow and numpy alone: no data set, and nothing of the demo model's (its scenes, flat shapes
+    on white, are one case of the second kind)."""
+    import colorsys
+
+    from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
     images = []
     for i in range(count):
-        if i % 2:
-            images.append(render(rng).image)
-        else:
+        kind = i % 3
+        if kind == 0:
             base = noise.normal(128, 50, size=(64, 64, 3)).clip(0, 255).astype(np.uint8)
             images.append(Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC))
-    return image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+            continue
+        side = rng.randint(160, 640)
+        if kind == 1:
+            image = Image.new("RGB", (side, side), tuple(rng.randint(225, 255) for _ in range(3)))
+        else:
+            angle = rng.uniform(0, 2 * np.pi)
+            y, x = np.mgrid[0:side, 0:side] / (side - 1)
+            along = x * np.cos(angle) + y * np.sin(angle)
+            along = (along - along.min()) / (along.max() - along.min())
+            start, end = (np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float64) for _ in range(2))
+            image = Image.fromarray((start + along[..., None] * (end - start)).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 3)):
+            extent = rng.randint(side // 8, side * 2 // 5)
+            left, top = rng.randint(0, side - extent), rng.randint(0, side - extent)
+            box = (left, top, left + extent - 1, top + extent - 1)
+            hue, saturation, value = rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)
+            fill = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value))
+            shape = rng.choice(("ellipse", "rectangle", "triangle"))
+            if shape == "ellipse":
+                draw.ellipse(box, fill=fill)
+            elif shape == "rectangle":
+                draw.rectangle(box, fill=fill)
+            else:
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+        if kind == 2:
+            grainy = np.asarray(image, dtype=np.float64) + noise.normal(0, 8, size=(side, side, 3))
+            image = Image.fromarray(grainy.clip(0, 255).astype(np.uint8))
+        images.append(image)
+    return images
+
+
+def calibration_pixels(image_processor, count: int, seed: int) -> np.ndarray:
+    """Pixel values of `calibration_images(count, seed)` as the checkpoint's processor makes them: what int8
+    ranges are calibrated on, and lower precision encoders checked on."""
+    return image_processor(images=calibration_images(count, seed), return_tensors="np")["pixel_values"].astype(
+        np.float32)
 
 
 def _linear_layers(path: Path) -> dict[str, tuple[int, str]]:
