@@ -37,8 +37,8 @@ def _soak(args: argparse.Namespace) -> int:
     print(text)
     growth = summary["at_rest"].get("growth", 0.0)
     failed = summary["lost"] or summary["unexpected"] or summary["inconsistent_captions"] or code != 0
-    if growth > args.max_rss_growth:
-        print(f"The memory retained at rest grew {growth:.1%} after the warm-up: more than {args.max_rss_growth:.0%}",
+    if growth > args.max_pss_growth:
+        print(f"The memory retained at rest grew {growth:.1%} after the warm-up: more than {args.max_pss_growth:.0%}",
               file=sys.stderr)
         failed = True
     return 1 if failed else 0
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--minutes", type=float, default=10.0)
     soak.add_argument("--concurrency", type=int, default=32)
     soak.add_argument("--hostile", type=float, default=0.1, help="share of calls with hostile files")
-    soak.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS growth is counted")
-    soak.add_argument("--max-rss-growth", type=float, default=0.05, help="of the memory retained at rest")
+    soak.add_argument("--warmup", type=float, default=60.0, help="seconds before PSS growth is counted")
+    soak.add_argument("--max-pss-growth", type=float, default=0.05, help="of the memory retained at rest")
     soak.add_argument("--settle", type=float, default=5.0,
                       help="seconds at rest before the memory is read (after the warm-up and at the end)")
     soak.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ pause is not counted in `--minutes`); at the end, likewise after the last call. 
 whatever is in flight (up to `--concurrency` large images being decoded), so the report gives those too: the
 smallest total of the minute after the warm-up and of the last minute. The report gives calls by code, lost
 calls, unexpected codes, inconsistent captions, throughput, latency and memory over time. The command fails if
-anything was lost or unexpected, or the memory retained at rest grew more than `--max-rss-growth`.
+anything was lost or unexpected, or the memory retained at rest grew more than `--max-pss-growth`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class SoakReport:
     hostile_share: float
     outcomes: list[Outcome] = field(default_factory=list)
     started_calls: int = 0
+    # Memory readings every two seconds, as PSS (procfs.pss_bytes: RSS only where the kernel gives no PSS):
     # {"t": seconds, "processes": {name: bytes}, "total": bytes, "kinds": {name: {"anon"|"shmem"|"file": bytes}}}
-    rss: list[dict] = field(default_factory=list)
+    pss: list[dict] = field(default_factory=list)
     warmup: float = 60.0
     # Readings at rest (no call in flight): [after the warm-up, at the end], each {"processes", "total", "kinds"}.
     at_rest: list[dict] = field(default_factory=list)
@@ -77,7 +78,7 @@ class SoakReport:
             "inconsistent_captions": inconsistent,
             "latency_p50_ms": 1000 * statistics.median(latencies) if latencies else None,
             "latency_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
-            "rss": self.rss_growth(),
+            "pss": self.pss_growth(),
             "at_rest": self.rest_growth(),
         }
 
@@ -96,19 +97,19 @@ class SoakReport:
                               for name, value in end["processes"].items() if name in start["processes"]},
                 "kinds": kinds}
 
-    def rss_growth(self, window: float = 60.0) -> dict:
+    def pss_growth(self, window: float = 60.0) -> dict:
         """Retained memory (the smallest total of a window) of the `window` s after the warm-up and of the last
         `window` s; per process likewise."""
-        if not self.rss or not self.rss[-1]["processes"]:  # a server not ours: no readings
+        if not self.pss or not self.pss[-1]["processes"]:  # a server not ours: no readings
             return {}
-        end_time = self.rss[-1]["t"]
-        early = [s for s in self.rss if self.warmup <= s["t"] < self.warmup + window]
-        late = [s for s in self.rss if s["t"] > end_time - window]
+        end_time = self.pss[-1]["t"]
+        early = [s for s in self.pss if self.warmup <= s["t"] < self.warmup + window]
+        late = [s for s in self.pss if s["t"] > end_time - window]
         if not early or not late:
             return {}
         start, end = min(s["total"] for s in early), min(s["total"] for s in late)
         per_process = {}
-        for name in self.rss[-1]["processes"]:
+        for name in self.pss[-1]["processes"]:
             first = [s["processes"][name] for s in early if name in s["processes"]]
             final = [s["processes"][name] for s in late if name in s["processes"]]
             if first and final:
@@ -120,7 +121,7 @@ class SoakReport:
             if all(totals) and max(totals[0]):
                 kinds[kind] = {"after_warmup_mb": min(totals[0]) / 2**20, "end_mb": min(totals[1]) / 2**20}
         return {"after_warmup_mb": start / 2**20, "end_mb": end / 2**20, "growth": end / start - 1,
-                "max_mb": max(s["total"] for s in self.rss) / 2**20, "processes": per_process, "kinds": kinds}
+                "max_mb": max(s["total"] for s in self.pss) / 2**20, "processes": per_process, "kinds": kinds}
 
 
 def _samples(seed: int, exclude: tuple[str, ...] = ()) -> tuple[dict[str, Sample], dict[str, Sample]]:
@@ -201,7 +202,7 @@ def soak(address: str, memory, minutes: float, concurrency: int, hostile_share: 
             with lock:
                 deadline[0] += time.monotonic() - paused
             resting.clear()
-        report.rss.append(reading())
+        report.pss.append(reading())
         time.sleep(sample_interval)
     for worker in workers:
         worker.join(timeout=300)
@@ -214,12 +215,12 @@ def write(report: SoakReport, output: Path) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     summary = report.summary()
     (output / "soak.json").write_text(
-        json.dumps({"summary": summary, "rss": report.rss, "at_rest": report.at_rest}, indent=2))
+        json.dumps({"summary": summary, "pss": report.pss, "at_rest": report.at_rest}, indent=2))
     return summary
 
 
 def markdown(summary: dict) -> str:
-    rss = summary["rss"]
+    pss = summary["pss"]
     lines = [
         f"{summary['minutes']:g} minutes at concurrency {summary['concurrency']}, {summary['hostile_share']:.0%} "
         f"hostile files: {summary['calls']} calls ({summary['calls_per_second']:.1f}/s), "
@@ -237,16 +238,16 @@ def markdown(summary: dict) -> str:
                   "| at rest | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                   *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
                     for name, p in rest_rows.items()]]
-    if rss:
+    if pss:
         lines += ["", "Under load (smallest total of a minute, requests in flight included): "
-                      f"{rss['after_warmup_mb']:.0f} MB in the minute after the warm-up, "
-                      f"{rss['end_mb']:.0f} MB in the last minute ({rss['growth']:+.1%}); "
-                      f"peak {rss['max_mb']:.0f} MB", "",
+                      f"{pss['after_warmup_mb']:.0f} MB in the minute after the warm-up, "
+                      f"{pss['end_mb']:.0f} MB in the last minute ({pss['growth']:+.1%}); "
+                      f"peak {pss['max_mb']:.0f} MB", "",
                   "| process | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                   *[f"| {name} | {p['after_warmup_mb']:.0f} | {p['end_mb']:.0f} |"
-                    for name, p in rss["processes"].items()]]
-        if rss.get("kinds"):
+                    for name, p in pss["processes"].items()]]
+        if pss.get("kinds"):
             lines += ["", "| backed by | after warm-up MB | end MB |", "| --- | ---: | ---: |",
                       *[f"| {kind} | {k['after_warmup_mb']:.0f} | {k['end_mb']:.0f} |"
-                        for kind, k in rss["kinds"].items()]]
+                        for kind, k in pss["kinds"].items()]]
     return "\n".join(lines)

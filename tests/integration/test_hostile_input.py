@@ -74,9 +74,9 @@ def test_the_soak_reads_memory_at_rest_after_the_warm_up_and_at_the_end(service)
     summary = report.summary()
     assert summary["lost"] == 0 and summary["unexpected"] == 0
     assert [r["processes"]["in flight"] for r in report.at_rest] == [0, 0]
-    assert max(r["processes"]["in flight"] for r in report.rss) > 0  # the gauge does see the load
+    assert max(r["processes"]["in flight"] for r in report.pss) > 0  # the gauge does see the load
     first_rest, last_rest = (r["t"] for r in report.at_rest)
-    assert any(first_rest < r["t"] for r in report.rss)  # loaded again after the first reading at rest
+    assert any(first_rest < r["t"] for r in report.pss)  # loaded again after the first reading at rest
     assert last_rest >= minutes * 60 + 0.5  # the pause came on top of the load's time
     rest = summary["at_rest"]
     assert set(rest["kinds"]) == {"anon", "shmem", "file"} and rest["kinds"]["anon"]["end_mb"] > 0
