@@ -1,4 +1,5 @@
-"""Optional API keys: `authorization: Bearer <key>` metadata, checked in constant time.
+"""Optional API keys: `authorization: Bearer <key>` metadata, checked in constant time, on every method whatever
+its shape.
 
 Health checks and reflection stay open so that load balancers and generic tools work without a key.
 """
@@ -11,12 +12,49 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from blip_server.gateway.errors import Continuation, Unauthenticated, replace_behavior
+from blip_server.gateway.errors import Unauthenticated
+from blip_server.gateway.handlers import (
+    HEALTH_AND_REFLECTION,
+    Continuation,
+    StreamResponse,
+    UnaryResponse,
+    wrap_handler,
+)
 
 _TRequest = TypeVar("_TRequest")
 _TResponse = TypeVar("_TResponse")
+_In = TypeVar("_In")
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_SERVICES = HEALTH_AND_REFLECTION
+
+
+class _Refusal:
+    """Behaviours that raise `error` instead of running the method (the status interceptor answers it)."""
+
+    def __init__(self, error: Unauthenticated):
+        self._error = error
+
+    def unary_response(
+        self, behavior: UnaryResponse[_In, _TRequest, _TResponse]
+    ) -> UnaryResponse[_In, _TRequest, _TResponse]:
+        error = self._error
+
+        async def refuse(request: _In, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> NoReturn:
+            raise error
+
+        return refuse
+
+    def stream_response(
+        self, behavior: StreamResponse[_In, _TRequest, _TResponse]
+    ) -> StreamResponse[_In, _TRequest, _TResponse]:
+        error = self._error
+
+        async def refuse(request: _In,
+                         context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
+            raise error
+            yield  # pragma: no cover - makes this an async generator
+
+        return refuse
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -43,16 +81,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if self._authorised(handler_call_details.invocation_metadata):
             return handler
         refusal = Unauthenticated("a valid API key is required: send 'authorization: Bearer <key>' metadata")
-        if handler.unary_unary is not None:
-            async def refuse_unary(request: _TRequest,
-                                   context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> NoReturn:
-                raise refusal
-
-            return replace_behavior(handler, unary_unary=refuse_unary)
-
-        async def refuse_stream(request_iterator: AsyncIterator[_TRequest],
-                                context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
-            raise refusal
-            yield  # pragma: no cover - makes this an async generator
-
-        return replace_behavior(handler, stream_stream=refuse_stream)
+        return wrap_handler(handler, _Refusal(refusal))

@@ -10,25 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar, cast
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
+from blip_server.gateway.handlers import (
+    HEALTH_AND_REFLECTION,
+    Continuation,
+    StreamResponse,
+    UnaryResponse,
+    wrap_handler,
+)
 
 log = logging.getLogger("blip-serve.gateway")
 
 _TRequest = TypeVar("_TRequest")
 _TResponse = TypeVar("_TResponse")
-# What grpc.aio calls with each request (grpc-stubs types RpcMethodHandler's behaviours as the sync server's).
-UnaryBehavior = Callable[[_TRequest, "grpc.aio.ServicerContext[_TRequest, _TResponse]"], Awaitable[_TResponse]]
-StreamBehavior = Callable[
-    [AsyncIterator[_TRequest], "grpc.aio.ServicerContext[_TRequest, _TResponse]"], AsyncIterator[_TResponse]
-]
-# What a server interceptor is given: the next interceptor, or the handler's lookup.
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[_TRequest, _TResponse] | None"]]
+_In = TypeVar("_In")
 Observe = Callable[[str, str, float], None]  # (method, status code name, seconds)
 
 
@@ -113,8 +114,10 @@ def unexpected(exc: BaseException) -> ServiceError:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError into its status and anything else into INTERNAL, for unary and streaming RPCs, and
-    reports each finished call's method, status code and duration to `observe` (the metrics)."""
+    """Turns ServiceError into its status and anything else into INTERNAL, for methods of every shape, and reports
+    each finished call's method, status code and duration to `observe` (the metrics; health checks and reflection
+    are not reported). A method of CaptionService is reported by its name (`Caption`), any other by its full name
+    without the leading slash (`package.Service/Method`)."""
 
     def __init__(self, observe: Observe = lambda method, code, seconds: None):
         self._observe = observe
@@ -127,27 +130,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.rpartition("/")
-        observe: Observe = self._observe if service.endswith(SERVICE) else (lambda *args: None)
-        if handler.unary_unary is not None:
-            unary = cast("UnaryBehavior[_TRequest, _TResponse]", handler.unary_unary)
-            return replace_behavior(handler, unary_unary=_unary(unary, method, observe))
-        if handler.stream_stream is not None:
-            stream = cast("StreamBehavior[_TRequest, _TResponse]", handler.stream_stream)
-            return replace_behavior(handler, stream_stream=_stream(stream, method, observe))
-        return handler
-
-
-class _HandlerTuple(Protocol):
-    def _replace(self, **fields: object) -> object: ...
-
-
-def replace_behavior(handler: grpc.RpcMethodHandler[_TRequest, _TResponse],
-                     **behavior: object) -> grpc.RpcMethodHandler[_TRequest, _TResponse]:
-    """`handler._replace(**behavior)`: grpc's method handlers are namedtuples (grpc._utilities.RpcMethodHandler),
-    whose `_replace` grpc-stubs does not declare."""
-    replaced = cast(_HandlerTuple, handler)._replace(**behavior)
-    return cast("grpc.RpcMethodHandler[_TRequest, _TResponse]", replaced)
+        full_name = handler_call_details.method
+        service, _, method = full_name.rpartition("/")
+        if full_name.startswith(HEALTH_AND_REFLECTION):
+            observe: Observe = lambda *args: None  # noqa: E731
+        else:
+            observe = self._observe
+            method = method if service == f"/{SERVICE}" else full_name.removeprefix("/")
+        return wrap_handler(handler, _StatusMapping(method, observe))
 
 
 def _interrupted(exc: BaseException, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> str:
@@ -160,50 +150,64 @@ def _interrupted(exc: BaseException, context: grpc.aio.ServicerContext[_TRequest
     return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
 
 
-# Each wrapper reports the call's outcome before the status goes out, so that whoever sees the answer also sees it
-# counted.
+class _StatusMapping:
+    """The behaviours of one call, wrapped: each reports the call's outcome before its status goes out (grpc.aio's
+    `abort` sends it at once), so that whoever sees the answer also sees it counted."""
 
-def _unary(behavior: UnaryBehavior[_TRequest, _TResponse], method: str,
-           observe: Observe) -> UnaryBehavior[_TRequest, _TResponse]:
-    async def wrapped(request: _TRequest, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> _TResponse:
-        started = time.perf_counter()
-        try:
-            response = await behavior(request, context)
-        except ServiceError as exc:
-            error = exc
-        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-            observe(method, _interrupted(exc, context), time.perf_counter() - started)
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
-            error = unexpected(exc)
-        else:
-            observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
-            return response
-        observe(method, error.code.name, time.perf_counter() - started)
-        await context.abort(error.code, error.message)
+    def __init__(self, method: str, observe: Observe):
+        self._method = method
+        self._observe = observe
 
-    return wrapped
+    def unary_response(
+        self, behavior: UnaryResponse[_In, _TRequest, _TResponse]
+    ) -> UnaryResponse[_In, _TRequest, _TResponse]:
+        method, observe = self._method, self._observe
 
+        async def wrapped(request: _In, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> _TResponse:
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except ServiceError as exc:
+                error = exc
+            except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+                observe(method, _interrupted(exc, context), time.perf_counter() - started)
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
+                error = unexpected(exc)
+            else:
+                observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
+                return response
+            observe(method, error.code.name, time.perf_counter() - started)
+            await context.abort(error.code, error.message)
 
-def _stream(behavior: StreamBehavior[_TRequest, _TResponse], method: str,
-            observe: Observe) -> StreamBehavior[_TRequest, _TResponse]:
-    async def wrapped(request_iterator: AsyncIterator[_TRequest],
-                      context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
-        started = time.perf_counter()
-        try:
-            async for response in behavior(request_iterator, context):
-                yield response
-        except ServiceError as exc:
-            error = exc
-        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-            observe(method, _interrupted(exc, context), time.perf_counter() - started)
-            raise
-        except Exception as exc:  # noqa: BLE001
-            error = unexpected(exc)
-        else:
-            observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
-            return
-        observe(method, error.code.name, time.perf_counter() - started)
-        await context.abort(error.code, error.message)
+        return wrapped
 
-    return wrapped
+    def stream_response(
+        self, behavior: StreamResponse[_In, _TRequest, _TResponse]
+    ) -> StreamResponse[_In, _TRequest, _TResponse]:
+        method, observe = self._method, self._observe
+
+        async def wrapped(request: _In,
+                          context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
+            started = time.perf_counter()
+            try:
+                responses = behavior(request, context)
+                if isinstance(responses, AsyncIterator):
+                    async for response in responses:
+                        yield response
+                else:  # a coroutine that answers with context.write()
+                    await responses
+            except ServiceError as exc:
+                error = exc
+            except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+                observe(method, _interrupted(exc, context), time.perf_counter() - started)
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
+                error = unexpected(exc)
+            else:
+                observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
+                return
+            observe(method, error.code.name, time.perf_counter() - started)
+            await context.abort(error.code, error.message)
+
+        return wrapped

@@ -1,7 +1,10 @@
 """The gateway's Prometheus metrics (Triton's own stay on Triton's metrics port).
 
-- `blip_gateway_requests_total{method,code}`: finished calls by RPC and gRPC status code; each item of a
-  CaptionStream also counts, as method `CaptionStream.item`;
+- `blip_gateway_requests_total{method,code}`: finished calls by RPC and gRPC status code, whatever the method's
+  shape (recorded by the status interceptor, `errors.ErrorInterceptor`, as each call's status is decided): a
+  CaptionService method by its name (`Caption`), a method of any other service by its full name
+  (`package.Service/Method`), health checks and reflection not at all; each item of a CaptionStream also counts,
+  as method `CaptionStream.item`;
 - `blip_gateway_request_duration_seconds{method}`: histogram of their durations;
 - `blip_gateway_in_flight_requests`: images being captioned now;
 - `blip_gateway_triton_replica_up{endpoint}`: 1 while a Triton replica answers ready, else 0.
