@@ -60,7 +60,6 @@ class Replica:
     up: bool = False
     suspended: bool = False
     in_flight: int = 0
-    served: int = 0  # calls answered; for logs and tests
     draining: bool = False  # left the resolver's answer: takes no new call; closed once idle or after the grace
     closed: bool = False  # its channel is closed (by a drain or the pool's close)
     _drain: asyncio.Task[None] | None = field(default=None, init=False, repr=False)  # the drain in progress, if any
@@ -109,7 +108,8 @@ def _task_cancelled() -> bool:
 
 @dataclass
 class ReplicaPool:
-    """The replicas of `targets`. Call `refresh()` (or run `watch()`) to learn which are up.
+    """The replicas of `targets`. Call `refresh()` to learn which are up (`Gateway.follow_triton` does, through
+    `Captioner.ready`, every `--health-interval` seconds).
 
     `on_replica_up(endpoint, up)` follows every health check of a replica in service; `on_replica_gone(endpoint)`
     is called when a replica leaves the resolver's answer, as its drain starts (a draining replica is no longer a
@@ -251,12 +251,6 @@ class ReplicaPool:
         if replica is not None:
             replica.suspended = False
 
-    async def watch(self, interval: float, on_change: Callable[[bool], Awaitable[None]]) -> None:
-        """Refresh every `interval` seconds and report readiness (any replica up) to `on_change`, until cancelled."""
-        while True:
-            await on_change(await self.refresh())
-            await asyncio.sleep(interval)
-
     def _set(self, replica: Replica, up: bool, why: str) -> None:
         if replica.draining or replica.closed:  # no longer a member: on_replica_gone was its last report
             replica.up = False
@@ -294,9 +288,7 @@ class ReplicaPool:
             tried.add(replica)
             replica.in_flight += 1
             try:
-                result = await request(replica.client)
-                replica.served += 1
-                return result
+                return await request(replica.client)
             except InferenceServerException as exc:
                 if not triton_unavailable(exc) or len(tried) >= 2:
                     raise
