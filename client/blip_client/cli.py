@@ -11,10 +11,13 @@ A progress bar goes to stderr when there are several images. The exit status is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
@@ -23,20 +26,22 @@ from blip_client._errors import CaptionError
 from blip_client._requests import DEFAULT_TARGET, RetryPolicy
 from blip_client._types import CaptionResult, GenerationOptions
 
-# flag -> (GenerationOptions field, type)
-OPTION_FLAGS = {
-    "--num-beams": ("num_beams", int),
-    "--max-new-tokens": ("max_new_tokens", int),
-    "--min-new-tokens": ("min_new_tokens", int),
-    "--length-penalty": ("length_penalty", float),
-    "--repetition-penalty": ("repetition_penalty", float),
-    "--num-return-sequences": ("num_return_sequences", int),
-    "--no-repeat-ngram-size": ("no_repeat_ngram_size", int),
-    "--temperature": ("temperature", float),
-    "--top-k": ("top_k", int),
-    "--top-p": ("top_p", float),
-    "--seed": ("seed", int),
-}
+
+def _option_flags() -> dict[str, tuple[str, type, bool]]:
+    """flag -> (GenerationOptions field, type of its values, repeated): one flag per field of the SDK's options,
+    named after it (`--num-beams`), typed by its annotation (`int | None`; `tuple[int, ...] | None` takes values)."""
+    hints = typing.get_type_hints(GenerationOptions)
+    flags = {}
+    for field in dataclasses.fields(GenerationOptions):
+        (kind,) = [a for a in typing.get_args(hints[field.name]) if a is not type(None)]
+        repeated = typing.get_origin(kind) is tuple
+        flags["--" + field.name.replace("_", "-")] = (field.name, typing.get_args(kind)[0] if repeated else kind,
+                                                      repeated)
+    return flags
+
+
+OPTION_FLAGS = _option_flags()
+_HELP = {"do_sample": "sample instead of searching"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,9 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", default=os.environ.get("BLIP_SERVER", DEFAULT_TARGET),
                         help="caption server HOST:PORT (default: %(default)s; env BLIP_SERVER)")
     parser.add_argument("--prompt", default="", help="caption prefix, e.g. 'a picture of'")
-    for flag, (field, kind) in OPTION_FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, default=None, metavar=kind.__name__.upper())
-    parser.add_argument("--do-sample", action="store_true", default=None, help="sample instead of searching")
+    for flag, (field, kind, repeated) in OPTION_FLAGS.items():
+        if kind is bool:
+            parser.add_argument(flag, dest=field, action="store_true", default=None, help=_HELP.get(field))
+        else:
+            parser.add_argument(flag, dest=field, type=kind, default=None, metavar=kind.__name__.upper(),
+                                nargs="+" if repeated else None, help=_HELP.get(field))
     parser.add_argument("--concurrency", type=int, default=8, help="images in flight at once (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per image (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("BLIP_API_KEY"), help="API key (env BLIP_API_KEY)")
@@ -69,8 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _options(args: argparse.Namespace) -> GenerationOptions:
-    fields = [field for field, _ in OPTION_FLAGS.values()] + ["do_sample"]
-    return GenerationOptions(**{f: getattr(args, f) for f in fields})
+    # Each value has its own field's type (argparse checked it), which one dict's value type cannot say per key.
+    values: dict[str, Any] = {}
+    for field, _, _ in OPTION_FLAGS.values():
+        value = getattr(args, field)
+        values[field] = tuple(value) if isinstance(value, list) else value
+    return GenerationOptions(**values)
 
 
 def _caption_file(client: CaptionClient, path: str, args: argparse.Namespace,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from blip_server.errors import ExportError
+from blip_server.shared.generation_options import OPTIONS
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -71,11 +72,10 @@ def decoder_config(text_config) -> dict:
     }
 
 
-# generation_config.json keys the service honours: the request options of the same names, transformers' stopping
-# rule, and lengths counted in total tokens (prompt included), which preprocess turns into new tokens.
-GENERATION_OPTIONS = ("num_beams", "num_return_sequences", "max_new_tokens", "min_new_tokens", "length_penalty",
-                      "repetition_penalty", "no_repeat_ngram_size", "do_sample", "temperature", "top_k", "top_p",
-                      "early_stopping")
+# generation_config.json keys the service honours: the options of the same names that a checkpoint may set (all
+# but the seed, transformers' stopping rule included), and lengths counted in total tokens (prompt included), which
+# preprocess turns into new tokens.
+GENERATION_OPTIONS = tuple(o.name for o in OPTIONS if o.from_checkpoint)
 GENERATION_LENGTHS = ("max_length", "min_length")
 # Keys that say nothing about how to generate (token ids come from the model's config; BLIP's generate passes its
 # own), or only about what generate() returns.

@@ -1,7 +1,8 @@
 """The `blip_caption` ensemble seen from a client: its tensors, building a request, reading the answer.
 
-One table maps each generation option to its ensemble input; the gateway, the tests and the benchmark all
-build their Triton requests here, and a unit test checks the table against the ensemble's config.pbtxt.
+Each generation option's ensemble input (its tensor and datatype) comes from its declaration
+(`blip_server.shared.generation_options.OPTIONS`); the gateway, the tests and the benchmark all build their
+Triton requests here.
 """
 
 from __future__ import annotations
@@ -13,23 +14,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from blip_server.shared.generation_options import REQUEST_OPTIONS, Option
+
 MODEL = "blip_caption"
 
-# Generation option -> (ensemble input, Triton datatype, numpy dtype).
-OPTION_TENSORS = {
-    "num_beams": ("NUM_BEAMS", "INT32", np.int32),
-    "max_new_tokens": ("MAX_NEW_TOKENS", "INT32", np.int32),
-    "min_new_tokens": ("MIN_NEW_TOKENS", "INT32", np.int32),
-    "length_penalty": ("LENGTH_PENALTY", "FP32", np.float32),
-    "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
-    "num_return_sequences": ("NUM_RETURN_SEQUENCES", "INT32", np.int32),
-    "no_repeat_ngram_size": ("NO_REPEAT_NGRAM_SIZE", "INT32", np.int32),
-    "do_sample": ("DO_SAMPLE", "BOOL", np.bool_),
-    "temperature": ("TEMPERATURE", "FP32", np.float32),
-    "top_k": ("TOP_K", "INT32", np.int32),
-    "top_p": ("TOP_P", "FP32", np.float32),
-    "seed": ("SEED", "INT64", np.int64),
-}
+# Triton datatype -> numpy dtype, for the datatypes options are declared with.
+NUMPY_DTYPES: dict[str, type[np.generic]] = {"BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
+                                             "FP32": np.float32}
+OPTIONS_BY_NAME = {o.name: o for o in REQUEST_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -46,7 +38,7 @@ def _tensor(module: ModuleType, name: str, datatype: str, values: npt.NDArray[np
 
 
 def inputs(module: ModuleType, images: bytes | list[bytes], prompt: str | list[str] | None = None,
-           **options: bool | int | float | None) -> list[Any]:
+           **options: object) -> list[Any]:
     """Inputs of one request for `module` (tritonclient.grpc or tritonclient.grpc.aio).
 
     A list of images makes a request with that many items; options are the same for all of them. Options that
@@ -59,11 +51,19 @@ def inputs(module: ModuleType, images: bytes | list[bytes], prompt: str | list[s
         prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
         tensors.append(_tensor(module, "PROMPT", "BYTES", np.array([[p.encode()] for p in prompts], dtype=np.object_)))
     for field, value in options.items():
-        if value is None:
-            continue
-        name, datatype, dtype = OPTION_TENSORS[field]
-        tensors.append(_tensor(module, name, datatype, np.full((count, 1), value, dtype=dtype)))
+        if value is not None:
+            tensors.append(option_tensor(module, OPTIONS_BY_NAME[field], value, count))
     return tensors
+
+
+def option_tensor(module: ModuleType, option: Option, value: object, count: int) -> Any:
+    """The input of one option for a request of `count` items: [count, 1], or [count, values] when repeated."""
+    dtype = NUMPY_DTYPES[option.dtype]
+    if option.repeated:
+        values = np.array([list(value)] * count, dtype=dtype).reshape(count, -1)  # type: ignore[call-overload]
+    else:
+        values = np.full((count, 1), value, dtype=dtype)
+    return _tensor(module, option.tensor, option.dtype, values)
 
 
 def outputs(module: ModuleType) -> list[Any]:

@@ -71,18 +71,15 @@ def test_preprocess_and_decoder_enforce_the_same_limits():
     assert limits("preprocess") == limits("text_decoder") != {}
 
 
-def test_the_client_side_option_table_matches_the_ensemble():
-    from generation_options import TRITON_INPUTS, GenerationOptions
-
-    from blip_server.ensemble import OPTION_TENSORS
+def test_the_declared_request_options_are_the_ensembles_option_inputs():
+    from generation_options import REQUEST_OPTIONS, GenerationOptions
 
     inputs = {t.name: t.data_type for t in parse_config(TEMPLATE / "blip_caption" / "config.pbtxt").input}
-    assert {name for name, _, _ in OPTION_TENSORS.values()} == set(inputs) - {"IMAGE", "PROMPT"}
-    for field, (name, datatype, _) in OPTION_TENSORS.items():
-        assert inputs[name] == mc.DataType.Value(f"TYPE_{datatype}")
-        assert TRITON_INPUTS[name][0] == field
+    assert {o.tensor for o in REQUEST_OPTIONS} == set(inputs) - {"IMAGE", "PROMPT"}
+    for option in REQUEST_OPTIONS:
+        assert inputs[option.tensor] == mc.DataType.Value(f"TYPE_{option.dtype}"), option.name
     # early_stopping is the checkpoint's (generation_config.json), never a request's
-    assert set(OPTION_TENSORS) == set(GenerationOptions.names()) - {"early_stopping"}
+    assert {o.name for o in REQUEST_OPTIONS} == set(GenerationOptions.names()) - {"early_stopping"}
 
 
 def test_the_preprocess_config_states_every_default_as_the_generation_options_have_it():

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from cpu_turns import available_cores
-from generation_options import TRITON_INPUTS, GenerationLimits, GenerationOptions, OptionError, from_parameters
+from generation_options import REQUEST_OPTIONS, GenerationLimits, GenerationOptions, OptionError, from_parameters
 from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
 
@@ -81,10 +81,13 @@ class TritonPythonModel:
             prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
             prompts = list(prompt.as_numpy().reshape(-1)) if prompt is not None else [None] * len(images)
             options = {}
-            for name, (field, kind) in TRITON_INPUTS.items():
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
+            for option in REQUEST_OPTIONS:
+                tensor = pb_utils.get_input_tensor_by_name(request, option.tensor)
                 if tensor is not None:
-                    options[field] = [kind(v) for v in tensor.as_numpy().reshape(-1).tolist()]
+                    values = tensor.as_numpy()
+                    options[option.name] = ([tuple(map(option.kind, row)) for row in values.reshape(len(values), -1)
+                                             .tolist()] if option.repeated
+                                            else [option.kind(v) for v in values.reshape(-1).tolist()])
             jobs.append(self.pool.submit(self._prepare, list(images), prompts, options))
         responses = []
         for job in jobs:
@@ -115,7 +118,7 @@ class TritonPythonModel:
 
     def _prepare(self, images: list, prompts: list, options: dict[str, list]):
         count = len(images)
-        option_values = [(n, options[f]) for n, (f, _) in TRITON_INPUTS.items() if f in options]
+        option_values = [(o.tensor, options[o.name]) for o in REQUEST_OPTIONS if o.name in options]
         for name, values in [("PROMPT", prompts)] + option_values:
             if len(values) != count:
                 raise _BadRequest(f"{name} has {len(values)} values for {count} images")

@@ -1,7 +1,10 @@
 """Captioning through the `blip_caption` ensemble: what the gateway checks itself, capacity, deadlines.
 
-Option ranges are checked in one place, the ensemble's `preprocess` model, which answers INVALID_ARGUMENT
-naming the option and its range; the gateway checks what only it can: the request's size, its own capacity.
+Options are checked by one piece of code, `blip_server.shared.generation_options` (from its declaration of
+every option), here against the defaults and limits the replica serves, which `preprocess` and `text_decoder`
+read from their config parameters with the same code and check again (with the prompt's token count, which
+only they know); INVALID_ARGUMENT names the option and its range. The gateway also checks the request's size
+and its own capacity.
 The caller's deadline becomes the Triton call's timeout, and a cancelled call cancels the Triton request. Calls
 go through the ReplicaPool (one replica in blip-serve, any number behind blip-gateway).
 """
@@ -16,7 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
@@ -31,7 +33,13 @@ from blip_server.gateway.errors import (
 )
 from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
 from blip_server.gateway.replicas import NoReplica, ReplicaPool
-from blip_server.shared.generation_options import GenerationLimits, GenerationOptions, OptionError
+from blip_server.shared.generation_options import (
+    GenerationLimits,
+    GenerationOptions,
+    OptionError,
+    from_parameters,
+    render_parameter,
+)
 from blip_server.shared.image_header import ImageError, ImageLimits, read_header
 
 log = logging.getLogger("blip-serve.gateway")
@@ -63,12 +71,6 @@ class GatewayLimits:
     def max_message_bytes(self) -> int:
         """The transport's limit on one message: the image limit plus a margin (a quarter, at least 4 MiB)."""
         return self.max_image_bytes + max(4 << 20, self.max_image_bytes // 4) + self.max_prompt_bytes
-
-
-def _parse_default(name: str, raw: str) -> bool | int | float:
-    """A `default_<option>` parameter of the preprocess config, as the type of the option's tensor."""
-    dtype: Callable[[str], np.generic] = ensemble.OPTION_TENSORS[name][2]  # np.int32, np.float32, ...
-    return raw.strip().lower() == "true" if dtype is np.bool_ else dtype(raw).item()
 
 
 class Captioner:
@@ -110,10 +112,9 @@ class Captioner:
         """The options against the served defaults and limits (preprocess checks them again, with the prompt's
         token count, which only it knows)."""
         description = await self.describe()
-        limits = GenerationLimits(**{f: description.limits[f] for f in GenerationLimits.__dataclass_fields__})
+        limits = GenerationLimits(**{name: description.limits[name] for name in GenerationLimits.names()})
         try:
-            defaults: dict[str, Any] = description.defaults  # each value has its own option's type
-            resolved = GenerationOptions(**defaults).with_values(**job.options)
+            resolved = GenerationOptions(**description.defaults).with_values(**job.options)
             resolved.validate(limits, prompt_tokens=1, max_positions=1 << 30)
         except OptionError as exc:
             raise InvalidArgument(str(exc)) from None
@@ -184,26 +185,25 @@ class Captioner:
             except InferenceServerException as exc:
                 raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
             params = {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
-            defaults = {name: _parse_default(name, params[f"default_{name}"])
-                        for name in OPTION_FIELDS if params.get(f"default_{name}")}
+            # What preprocess resolves unset options to and the limits it enforces, read as it reads them.
+            defaults = from_parameters(GenerationOptions, params, "default_")
+            limits = from_parameters(GenerationLimits, params, "limit_")
             self._description = ModelDescription(
                 model=ensemble.MODEL,
                 source_checkpoint=params.get("source_checkpoint", ""),
                 image_height=int(params.get("image_height") or 0),
                 image_width=int(params.get("image_width") or 0),
                 precision=params.get("precision", ""),
-                early_stopping=(params.get("default_early_stopping") or "false").strip().lower(),
-                defaults=defaults,
+                early_stopping=render_parameter(defaults.early_stopping),
+                defaults={name: getattr(defaults, name) for name in OPTION_FIELDS
+                          if getattr(defaults, name) is not None},
                 limits={
                     "max_image_bytes": self.limits.max_image_bytes,
                     "max_image_pixels": self.limits.max_image_pixels,
                     "max_image_side": self.limits.max_image_side,
                     "max_prompt_bytes": self.limits.max_prompt_bytes,
                     "max_prompt_tokens": int(params.get("max_prompt_tokens") or 0),
-                    "max_num_beams": int(params.get("limit_max_num_beams") or 0),
-                    "max_new_tokens": int(params.get("limit_max_new_tokens") or 0),
-                    "max_num_return_sequences": int(params.get("limit_max_num_return_sequences") or 0),
-                    "max_no_repeat_ngram_size": int(params.get("limit_max_no_repeat_ngram_size") or 0),
+                    **limits.as_dict(),
                     "max_concurrent_requests": self.limits.max_concurrent_requests,
                 },
             )

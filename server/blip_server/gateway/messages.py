@@ -16,22 +16,31 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
-from blip_server.ensemble import OPTION_TENSORS, CaptionText
+from blip_server.ensemble import CaptionText
 from blip_server.gateway.errors import InvalidArgument
+from blip_server.shared.generation_options import REQUEST_OPTIONS, OptionValue
 
-OPTION_FIELDS = tuple(OPTION_TENSORS)  # the GenerationOptions fields, same names in proto and ensemble
-OptionValue = bool | int | float  # a generation option's value
+# The options a request may set: the same names in the proto, the declaration and the ensemble.
+OPTION_FIELDS = tuple(o.name for o in REQUEST_OPTIONS)
 
 
-def options_from_pb(message: caption_pb2.GenerationOptions) -> dict[str, OptionValue]:
-    """Only the options the caller set (proto3 presence): an explicit 0 is a value, not "unset"."""
-    fields: Message = message  # HasField by a name only known at runtime
-    return {name: getattr(message, name) for name in OPTION_FIELDS if fields.HasField(name)}
+def options_from_pb(message: Message, names: tuple[str, ...] = OPTION_FIELDS) -> dict[str, OptionValue]:
+    """Only the options the caller set: proto3 presence (an explicit 0 is a value, not "unset"), and for a repeated
+    option any values (a repeated field has no presence: an empty list is unset)."""
+    options: dict[str, OptionValue] = {}
+    for name in names:
+        value = getattr(message, name)
+        if isinstance(value, (bool, int, float, str)):
+            if message.HasField(name):
+                options[name] = value
+        elif len(value):  # a repeated field's container
+            options[name] = tuple(value)
+    return options
 
 
 def options_to_pb(options: Mapping[str, OptionValue | None]) -> caption_pb2.GenerationOptions:
     # Each value has its own field's type (protobuf checks it), which a dict's value type cannot say per key.
-    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    values: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if v is not None}
     return caption_pb2.GenerationOptions(**values)
 
 
