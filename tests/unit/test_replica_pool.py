@@ -114,6 +114,31 @@ def test_unavailable_is_retried_once_on_another_replica_which_takes_the_first_ou
     assert not pool.replicas["a:8001"].up and pool.replicas["b:8001"].up
 
 
+def dead_stub():
+    """What Triton 2.51 answers while a Python-backend stub of the ensemble is dead (see errors.stub_died)."""
+    return InferenceServerException("in ensemble 'blip_caption', Stub process 'text_decoder_0_0' is not healthy.",
+                                    "StatusCode.INTERNAL")
+
+
+def test_a_dead_stub_is_retried_once_on_another_replica_which_takes_the_first_out():
+    a, b = ScriptedTriton("a", [dead_stub()]), ScriptedTriton("b")
+    pool = pool_of(a, b)
+    pool._turn = iter([0, 0, 0, 0])  # a first
+    assert call(pool) == "b"
+    assert (a.calls, b.calls) == (1, 1)
+    assert not pool.replicas["a:8001"].up and pool.replicas["b:8001"].up
+
+
+def test_other_internal_failures_are_not_retried():
+    failed = InferenceServerException("in ensemble 'blip_caption', the decoder's step failed", "StatusCode.INTERNAL")
+    a, b = ScriptedTriton("a", [failed]), ScriptedTriton("b", [failed])
+    pool = pool_of(a, b)
+    with pytest.raises(InferenceServerException, match="step failed"):
+        call(pool)
+    assert a.calls + b.calls == 1
+    assert all(r.up for r in pool.replicas.values())
+
+
 def test_a_call_is_tried_at_most_twice():
     a, b = ScriptedTriton("a", [unavailable()]), ScriptedTriton("b", [unavailable()])
     pool = pool_of(a, b)
