@@ -4,8 +4,10 @@
     python bench/gpu_check.py --device cpu --preset tiny --batches 1,2 --precisions fp16,fp32 --repeats 1 --out DIR
 
 It needs python3 with torch (a CUDA build), transformers, onnx and onnxruntime (onnxruntime-gpu for the ONNX
-encoder on the GPU) and this repository; no Triton, no network, no checkpoint: it builds the BLIP architecture
-with random weights (cost does not depend on weight values when every caption has exactly `--tokens` new tokens).
+encoder on the GPU) and this repository, whose packages it imports from the source tree (`server/`, `bench/`:
+nothing of ours need be installed); no Triton, no network, no checkpoint: it builds the BLIP architecture with
+random weights (`blip_demo.random_checkpoint`; cost does not depend on weight values when every caption has
+exactly `--tokens` new tokens).
 
 A phase is one (precision, batch size); precisions run in the order given (fp32 first by default: its token ids
 must equal transformers', the parity check), batch sizes in increasing order. Each phase captions the same random
