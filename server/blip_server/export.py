@@ -50,6 +50,7 @@ from blip_server.model_configs import (
     add_parameters,
     set_parameters,
     write_container_encoder_configs,
+    write_option_configs,
     write_python_gpu_configs,
 )
 from blip_server.repository import MANIFEST, SHARED_MODULES, read_manifest, shared_directory, template_directory
@@ -165,6 +166,7 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     shutil.copytree(template_directory(), output, ignore=shutil.ignore_patterns("__pycache__", ".gitkeep"),
                     dirs_exist_ok=True)
     preprocess, encoder, decoder = (output / name / "1" for name in ("preprocess", "vision_encoder", "text_decoder"))
+    write_option_configs(output)  # the options' inputs and parameters, from their declaration
 
     log.info("exporting the vision encoder to ONNX")
     cosine = _export_vision_encoder(model.vision_model, encoder / "model.onnx", images["height"], images["width"],

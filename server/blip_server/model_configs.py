@@ -1,5 +1,10 @@
 """The `config.pbtxt` files an export writes besides the template's: per target and per device.
 
+- Every export: the generation options' parts of the ensemble's, `preprocess`'s and `text_decoder`'s configs
+  (their option inputs, the ensemble's wiring of them, the `default_*` and `limit_*` parameters), written from the
+  declaration of the options (`blip_server.shared.generation_options`) between `# BEGIN <block>` and
+  `# END <block>` lines of the template; `python -m blip_server.model_configs` writes them into the template
+  itself, and docs/limits.md's table of the options.
 - Every export: `preprocess/config.pbtxt` gains what was served (source checkpoint, precision, image size), so
   any gateway in front of any replica can describe the model without the export's files.
 - Every export: `configs/gpu.pbtxt` for `vision_encoder` and `text_decoder`, chosen by Triton's
@@ -14,13 +19,17 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from blip_server.repository import parse_config
+from blip_server.repository import parse_config, template_directory
+from blip_server.shared.generation_options import LIMITS, OPTIONS, Limit, Option, render_parameter
 
 GPU_CONFIG = "gpu"
 # Where the container's TensorRT engines and timing cache live: a volume, so restarts skip the engine build.
@@ -159,3 +168,100 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape, precis
            "(mount a volume there: a restart then loads the engines instead of building\n"
            "them for minutes). FP32 runs without TF32 (blip-tritonserver sets NVIDIA_TF32_OVERRIDE=0).\n"
            "The warm-up requests build the engines before the model reports ready. Written by blip-export.")
+
+
+# -- the generation options' parts of the configs, from their declaration ----------------------------------------
+
+_BLOCK = re.compile(r"^([ \t]*)# BEGIN (?P<name>[^\n]+)\n(?:.*?\n)??[ \t]*# END (?P=name)\n", re.DOTALL | re.MULTILINE)
+# The models whose config.pbtxt holds generated blocks.
+OPTION_CONFIGS = ("blip_caption", "preprocess", "text_decoder")
+
+
+def option_blocks(options: Sequence[Option] = OPTIONS, limits: Sequence[Limit] = LIMITS) -> dict[str, list[str]]:
+    """The lines of each generated block, by block name."""
+    request = [o for o in options if o.request]
+    return {
+        # The ensemble's and preprocess's inputs: [1] a value, [-1] a list of values.
+        "generation option inputs": [f'{{ name: "{o.tensor}" data_type: TYPE_{o.dtype} '
+                                     f'dims: [ {-1 if o.repeated else 1} ] optional: true }},' for o in request],
+        "generation option input_map": [f'input_map {{ key: "{o.tensor}" value: "{o.tensor}" }}' for o in request],
+        # Unset (None) and empty defaults are not stated: a parameter's empty value means unset.
+        "generation option defaults": [
+            f'parameters {{ key: "default_{o.name}" value: {{ string_value: "{render_parameter(o.default)}" }} }}'
+            for o in options if render_parameter(o.default) not in ("", "None")],
+        "generation option limits": [f'parameters {{ key: "limit_{limit.name}" value: {{ string_value: '
+                                     f'"{limit.default}" }} }}' for limit in limits],
+    }
+
+
+def write_option_blocks(text: str, options: Sequence[Option] = OPTIONS, limits: Sequence[Limit] = LIMITS) -> str:
+    """`text` (a config.pbtxt) with each generated block rewritten from the declaration; raises KeyError for a
+    block of an unknown name."""
+    blocks = option_blocks(options, limits)
+
+    def render(match: re.Match[str]) -> str:
+        indent, name = match.group(1), match.group("name")
+        lines = [f"{indent}# BEGIN {name}", *(indent + line for line in blocks[name]), f"{indent}# END {name}"]
+        return "\n".join(lines) + "\n"
+
+    return _BLOCK.sub(render, text)
+
+
+def write_option_configs(repository: Path) -> None:
+    """The generated blocks of a repository's configs (an export's, or the template), from the declaration."""
+    for model in OPTION_CONFIGS:
+        path = repository / model / "config.pbtxt"
+        path.write_text(write_option_blocks(path.read_text()))
+
+
+def limits_table(options: Sequence[Option] = OPTIONS) -> str:
+    """docs/limits.md's table of the generation options (between its `<!-- BEGIN options -->` and
+    `<!-- END options -->` lines)."""
+    by_name = {limit.name: limit for limit in LIMITS}
+
+    def bound(value: object) -> str:
+        if isinstance(value, str) and value.startswith("limit_"):
+            return f"`{value}` ({by_name[value[len('limit_'):]].default})"
+        if isinstance(value, str):
+            return f"`{value}`"
+        return "2^63-1" if value == 2**63 - 1 else f"{value:g}" if isinstance(value, float) else str(value)
+
+    def allowed(o: Option) -> str:
+        if o.allowed:
+            return o.allowed.format(**{f"limit_{name}": bound(f"limit_{name}") for name in by_name})
+        if o.choices:
+            return ", ".join(render_parameter(c) for c in o.choices)
+        if o.low is None and o.high is None:
+            return "true, false" if o.kind is bool else "any"
+        low = bound(o.low)
+        text = (f"greater than {low}" if o.above_low else f"{low}") + (
+            f", at most {bound(o.high)}" if o.above_low else f" to {bound(o.high)}")
+        return text + (" and the positions the prompt leaves" if o.fits_positions else "")
+
+    rows = ["| option | type | default | allowed | Triton input |", "| --- | --- | --- | --- | --- |"]
+    for o in options:
+        kind = f"list of {o.kind.__name__}" if o.repeated else o.kind.__name__
+        default = "unset" if o.default is None else f"`{render_parameter(o.default)}`"
+        tensor = f"`{o.tensor}` {o.dtype}" if o.request else "none: the checkpoint's generation config"
+        rows.append(f"| `{o.name}` | {kind} | {default} | {allowed(o)} | {tensor} |")
+    return "\n".join(rows) + "\n"
+
+
+LIMITS_DOC = Path(__file__).resolve().parents[2] / "docs" / "limits.md"
+_DOC_BLOCK = re.compile(r"(<!-- BEGIN options -->\n).*?(<!-- END options -->\n)", re.DOTALL)
+
+
+def write_limits_doc(text: str) -> str:
+    return _DOC_BLOCK.sub(lambda m: m.group(1) + limits_table() + m.group(2), text)
+
+
+def main() -> int:
+    """Rewrite the template's generated blocks and docs/limits.md's table from the declaration."""
+    write_option_configs(template_directory())
+    LIMITS_DOC.write_text(write_limits_doc(LIMITS_DOC.read_text()))
+    print(f"wrote the generation options into {template_directory()} and {LIMITS_DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

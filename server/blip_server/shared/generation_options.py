@@ -60,7 +60,7 @@ class Option:
     repeated: a list of values (a proto `repeated` field, a tensor of dims [-1], a JSON list); each is checked
         against the range.
     from_checkpoint: whether a checkpoint's generation_config.json may set it (a seed is per request).
-    allowed: the range as docs/limits.md says it, where `high` is a function.
+    allowed: the range as docs/limits.md says it, where `high` is a function ({limit_<name>} for a limit).
     """
 
     name: str
@@ -118,7 +118,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_return_sequences", int, 1,
            "How many captions to return, best first; at most num_beams with beam search.",
            dtype="INT32", low=1, high=_most_sequences,
-           allowed="1 to `num_beams` with beams; 1 to `max_num_return_sequences` when sampling; 1 greedy"),
+           allowed="1 to `num_beams` with beams; 1 to {limit_max_num_return_sequences} when sampling; 1 greedy"),
     Option("no_repeat_ngram_size", int, 0, "No n-gram of this size may occur twice; 0 is off.",
            dtype="INT32", low=0, high="limit_max_no_repeat_ngram_size"),
     Option("do_sample", bool, False, "Sample tokens instead of taking the most likely ones.", dtype="BOOL"),
