@@ -15,7 +15,7 @@ from blip_server.model_store import demo_checkpoint
 from support import reference
 from support.serve import ServeProcess
 
-# A fresh set, neither the training's nor blip-demo-evaluate's. The README reports the full evaluation.
+# A fresh set, neither the training's nor blip-demo-evaluate's. docs/performance.md reports the full evaluation.
 SEED = 777_001
 COUNT = 80
 
