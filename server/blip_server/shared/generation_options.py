@@ -271,7 +271,12 @@ class GenerationOptions(_Values):
                 raise TypeError(f"unknown options {sorted(unknown)}")
         except (ValueError, TypeError) as exc:
             raise OptionError(f"GENERATION_OPTIONS is not a JSON object of generation options: {exc}") from None
-        return cls(**{o.name: _typed(o, values[o.name]) for o in OPTIONS if o.name in values})
+        return cls(**{o.name: _typed(o, values[o.name]) for o in cls.options() if o.name in values})
+
+    @classmethod
+    def options(cls) -> tuple[Option, ...]:
+        """The declarations of its options (OPTIONS; a subclass may declare others)."""
+        return tuple(o for o in cls._declared if isinstance(o, Option))
 
     @property
     def rows(self) -> int:
@@ -282,7 +287,7 @@ class GenerationOptions(_Values):
 
     def validate(self, limits: GenerationLimits, prompt_tokens: int, max_positions: int) -> None:
         """Raises OptionError naming the first option outside its allowed range."""
-        for option in OPTIONS:
+        for option in self.options():
             value = self._values[option.name]
             if value is None and option.default is None:
                 continue
