@@ -1,4 +1,7 @@
-"""Errors of the serving side that a person acts on: each message says what is wrong and what to do."""
+"""The operator's errors: what stops `blip-serve` or `blip-export`, each message saying what is wrong and what to do.
+
+(A caller's failures, and their gRPC status codes, are the gateway's: `blip_server.gateway.status_mapping`.)
+"""
 
 
 class BlipServerError(Exception):

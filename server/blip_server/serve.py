@@ -1,4 +1,4 @@
-"""`blip-serve`: export the model if needed, start the gateway and Triton, keep Triton running, stop cleanly.
+"""The `blip-serve` command: export the model if needed, run the gateway and Triton, keep Triton running, stop.
 
 The gateway answers from the start; its health is NOT_SERVING until Triton is ready, and again whenever Triton
 is down. If Triton dies, loses a Python-backend stub or hangs, it is restarted (see `supervisor`; calls meanwhile
@@ -20,7 +20,7 @@ from blip_server.config import ServeConfig, parse_command_line
 from blip_server.errors import BlipServerError, TritonStartError
 from blip_server.export import ExportOptions
 from blip_server.gateway.captioner import Captioner
-from blip_server.gateway.command import start_gateway
+from blip_server.gateway.main import start_gateway
 from blip_server.memory import bound_heap
 from blip_server.model_store import demo_checkpoint, export_in_child, resolve_repository
 from blip_server.repository import read_manifest

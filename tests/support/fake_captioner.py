@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from blip_server.ensemble import CaptionText
-from blip_server.gateway import errors
+from blip_server.gateway import status_mapping as errors
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import ModelDescription
 from blip_server.gateway.replicas import ReplicaPool

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from blip_server.gateway.server import create_server
+from blip_server.gateway.grpc_server import create_server
 
 
 class BackgroundGateway:

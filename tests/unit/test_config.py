@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from blip_server.config import GatewayConfig, ServeConfig, from_env, parse_command_line
-from blip_server.gateway.command import main as gateway_main
+from blip_server.gateway.main import main as gateway_main
 from blip_server.repository import MANIFEST
 from blip_server.serve import main as serve_main
 
@@ -98,7 +98,7 @@ def test_an_int8_repository_is_refused_on_a_gpu(repositories, tmp_path, capsys):
 
 
 def test_api_keys_come_from_the_flag_and_a_mounted_file(tmp_path):
-    from blip_server.gateway.command import api_keys
+    from blip_server.gateway.main import api_keys
 
     keys = tmp_path / "keys"
     keys.write_text("k2, k3\nk4\n\n")

@@ -440,7 +440,7 @@ def test_the_gateway_runs_without_the_models_libraries():
         f"    def find_spec(self, name, path=None, target=None):\n"
         f"        if name.split('.')[0] in {blocked!r}: raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from blip_server.gateway.command import main\n"
+        "from blip_server.gateway.main import main\n"
         "import blip_server.gateway.probe\n"
         "sys.exit(main(['--help']))\n"
     )

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from image_preprocessing import ImageError, ImageLimits, ImageProcessorConfig, preprocess
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
-from blip_server.gateway.errors import InvalidArgument
 from blip_server.gateway.messages import CaptionJob
+from blip_server.gateway.status_mapping import InvalidArgument
 from blip_server.shared.image_header import ImageError as HeaderError
 from blip_server.shared.image_header import ImageLimits as HeaderLimits
 from blip_server.shared.image_header import read_header

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from blip_server.gateway import errors
+from blip_server.gateway import status_mapping
 from support.fake_captioner import FakeCaptioner
 from support.gateway import BackgroundGateway
 
@@ -26,7 +26,7 @@ SECRET = "secret detail of a bug"
 def _fail(request: bytes) -> None:
     """What a request asks the method to do: b"invalid" raises a domain error, b"bug" an unexpected one."""
     if request == b"invalid":
-        raise errors.InvalidArgument("invalid on purpose")
+        raise status_mapping.InvalidArgument("invalid on purpose")
     if request == b"bug":
         raise RuntimeError(SECRET)
 
@@ -154,7 +154,7 @@ def test_every_shape_maps_domain_errors_and_hides_bugs(shapes, method):
     with pytest.raises(grpc.RpcError) as bug:
         _call(gateway.address, method, b"bug", KEY)
     assert bug.value.code() == grpc.StatusCode.INTERNAL
-    assert bug.value.details() == errors.INTERNAL_MESSAGE
+    assert bug.value.details() == status_mapping.INTERNAL_MESSAGE
     wire = f"{bug.value.details()} {bug.value.debug_error_string()} {bug.value.trailing_metadata()}"
     assert SECRET not in wire and "Traceback" not in wire
 

@@ -15,9 +15,9 @@ import pytest
 from blip_client import CaptionClient
 from blip_client import _errors as client_errors
 from blip_server.config import GatewayConfig, ServeConfig, parse_command_line
-from blip_server.gateway import command
-from blip_server.gateway.command import main as gateway_main
-from blip_server.gateway.server import connection_age_options, create_server
+from blip_server.gateway import main as gateway_command
+from blip_server.gateway.grpc_server import connection_age_options, create_server
+from blip_server.gateway.main import main as gateway_main
 from support.fake_captioner import IMAGE, FakeCaptioner
 from support.gateway import BackgroundGateway
 
@@ -181,13 +181,13 @@ def test_start_gateway_passes_the_options_to_the_server_and_the_pool(monkeypatch
         seen.update(kwargs)
         return await create_server(*args, **kwargs)
 
-    monkeypatch.setattr(command, "create_server", recording_create_server)
+    monkeypatch.setattr(gateway_command, "create_server", recording_create_server)
     config = parse_command_line(GatewayConfig, ["--triton", "127.0.0.1:1", "--port", "0", "--max-connection-age",
                                                 "42", "--max-connection-age-grace", "7", "--drain-grace", "3"],
                                 prog="blip-gateway", description="", environ={})
 
     async def scenario():
-        gateway = await command.start_gateway(config, config.triton, config.dns_refresh, config.drain_grace)
+        gateway = await gateway_command.start_gateway(config, config.triton, config.dns_refresh, config.drain_grace)
         try:
             return gateway.captioner.replicas.drain_grace
         finally:

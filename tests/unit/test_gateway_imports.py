@@ -17,7 +17,7 @@ def _loaded_after(statement: str) -> list[str]:
 
 
 def test_importing_the_gateway_loads_no_model_library_and_not_the_exporter():
-    assert _loaded_after("import blip_server.gateway.command, blip_server.gateway.probe") == []
+    assert _loaded_after("import blip_server.gateway.main, blip_server.gateway.probe") == []
 
 
 def test_the_package_names_still_resolve_when_asked_for():

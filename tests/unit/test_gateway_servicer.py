@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from blip_client import CaptionClient, GenerationOptions
 from blip_client import _errors as client_errors
-from blip_server.gateway import errors
+from blip_server.gateway import status_mapping as errors
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import CaptionJob
 from blip_server.gateway.replicas import Replica, ReplicaPool

@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from blip_client import CaptionClient, UnauthenticatedError, UnavailableError
+from blip_server.gateway.grpc_server import server_credentials
 from blip_server.gateway.probe import check
-from blip_server.gateway.server import server_credentials
 from support.fake_captioner import IMAGE, FakeCaptioner
 from support.gateway import BackgroundGateway
 

@@ -115,7 +115,7 @@ def test_unavailable_is_retried_once_on_another_replica_which_takes_the_first_ou
 
 
 def dead_stub():
-    """What Triton 2.51 answers while a Python-backend stub of the ensemble is dead (see errors.stub_died)."""
+    """What Triton 2.51 answers while a Python-backend stub of the ensemble is dead (see status_mapping.stub_died)."""
     return InferenceServerException("in ensemble 'blip_caption', Stub process 'text_decoder_0_0' is not healthy.",
                                     "StatusCode.INTERNAL")
 

@@ -12,7 +12,6 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from blip_server.gateway.errors import Unauthenticated
 from blip_server.gateway.handlers import (
     HEALTH_AND_REFLECTION,
     Continuation,
@@ -20,6 +19,7 @@ from blip_server.gateway.handlers import (
     UnaryResponse,
     wrap_handler,
 )
+from blip_server.gateway.status_mapping import Unauthenticated
 
 _TRequest = TypeVar("_TRequest")
 _TResponse = TypeVar("_TResponse")

@@ -23,7 +23,9 @@ import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_server import ensemble
-from blip_server.gateway.errors import (
+from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
+from blip_server.gateway.replicas import NoReplica, ReplicaPool
+from blip_server.gateway.status_mapping import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
@@ -31,8 +33,6 @@ from blip_server.gateway.errors import (
     Unavailable,
     from_triton,
 )
-from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
-from blip_server.gateway.replicas import NoReplica, ReplicaPool
 from blip_server.shared.generation_options import (
     GenerationLimits,
     GenerationOptions,

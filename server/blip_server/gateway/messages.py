@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.ensemble import CaptionText
-from blip_server.gateway.errors import InvalidArgument
+from blip_server.gateway.status_mapping import InvalidArgument
 from blip_server.shared.generation_options import REQUEST_OPTIONS, OptionValue
 
 # The options a request may set: the same names in the proto, the declaration and the ensemble.

@@ -1,7 +1,7 @@
 """The gateway's Prometheus metrics (Triton's own stay on Triton's metrics port).
 
 - `blip_gateway_requests_total{method,code}`: finished calls by RPC and gRPC status code, whatever the method's
-  shape (recorded by the status interceptor, `errors.ErrorInterceptor`, as each call's status is decided): a
+  shape (recorded by the status interceptor, `status_mapping.ErrorInterceptor`, as each call's status is decided): a
   CaptionService method by its name (`Caption`), a method of any other service by its full name
   (`package.Service/Method`), health checks and reflection not at all; each item of a CaptionStream also counts,
   as method `CaptionStream.item`;

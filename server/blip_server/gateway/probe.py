@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from blip_client import PemSource, channel_credentials
-from blip_server.gateway.server import SERVICE_NAME
+from blip_server.gateway.grpc_server import SERVICE_NAME
 
 
 def check(address: str, service: str = SERVICE_NAME, timeout: float = 3.0, tls_ca: PemSource | None = None,

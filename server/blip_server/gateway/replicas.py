@@ -29,7 +29,7 @@ import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_server import ensemble
-from blip_server.gateway.errors import triton_unavailable
+from blip_server.gateway.status_mapping import triton_unavailable
 
 log = logging.getLogger("blip-serve.gateway")
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""`blip-gateway`: the typed gRPC gateway alone, over one or more Triton replicas that run elsewhere.
+"""The `blip-gateway` command: the typed gRPC gateway alone, over one or more Triton replicas that run elsewhere.
 
     blip-gateway --triton triton-0:8001 --triton triton-1:8001 --metrics-port 9090
     blip-gateway --triton dns:///triton:8001 --host 0.0.0.0   # every address the name resolves to
@@ -18,9 +18,9 @@ import sys
 
 from blip_server.config import GatewayConfig, GatewayOptions, parse_command_line
 from blip_server.gateway.captioner import Captioner, GatewayLimits
+from blip_server.gateway.grpc_server import Gateway, create_server, server_credentials
 from blip_server.gateway.metrics import GatewayMetrics
 from blip_server.gateway.replicas import ReplicaPool, parse_endpoint
-from blip_server.gateway.server import Gateway, create_server, server_credentials
 from blip_server.memory import bound_heap
 
 log = logging.getLogger("blip-gateway")

@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.auth import ApiKeyInterceptor
 from blip_server.gateway.captioner import Captioner
-from blip_server.gateway.errors import ErrorInterceptor
 from blip_server.gateway.metrics import STREAM_ITEM, GatewayMetrics
-from blip_server.gateway.service import CaptionServicer, method_handlers
+from blip_server.gateway.servicer import CaptionServicer, method_handlers
+from blip_server.gateway.status_mapping import ErrorInterceptor
 from blip_server.memory import trim
 
 log = logging.getLogger("blip-serve.gateway")

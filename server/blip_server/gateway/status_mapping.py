@@ -1,8 +1,9 @@
-"""The one place that maps failures to gRPC status codes.
+"""The gateway's status mapping: the one place that turns a call's failures into gRPC status codes.
 
-Domain code raises ServiceError subclasses; the interceptor turns them into statuses, and anything
-unexpected into INTERNAL with a generic message while the traceback goes to the log. Never UNKNOWN, never a
-traceback on the wire.
+Domain code raises ServiceError subclasses (and Triton's failures become them, `from_triton`); the interceptor
+turns them into statuses, and anything unexpected into INTERNAL with a generic message while the traceback goes to
+the log, on methods of every call shape; it also records each call in the metrics. Never UNKNOWN, never a
+traceback on the wire. (The operator's errors, which stop blip-serve or blip-export, are `blip_server.errors`.)
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import grpc
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.captioner import Captioner
-from blip_server.gateway.errors import ServiceError, unexpected
 from blip_server.gateway.messages import CaptionJob, UnparsableRequest
+from blip_server.gateway.status_mapping import ServiceError, unexpected
 
 
 class CaptionServicer:
