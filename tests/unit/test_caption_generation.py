@@ -122,21 +122,27 @@ def test_sampling_with_top_k_1_is_greedy(setup):
 
 
 def test_cancelled_items_leave_the_batch(setup):
+    """What the served model does when a request is cancelled or its deadline passes (text_decoder/1/model.py,
+    tested through it in test_text_decoder_model.py): DecodeLoop.cancel mid-way; the others decode on unchanged."""
+    from caption_generation import DecodeLoop
+
     _, _, _, embeds, decoder = setup
-    bos = [[decoder.config.bos_token_id]] * IMAGES
-    options = [GenerationOptions(min_new_tokens=10)] * IMAGES
-    asked = []
-
-    def is_cancelled(i):
-        asked.append(i)
-        return i == 1
-
-    results = generate(decoder, embeds, bos, options, is_cancelled=is_cancelled)
-    assert results[1] is None and asked
-    expected = generate(decoder, embeds, bos, options)
-    assert [[h.tokens for h in r] for r in (results[0], results[2])] == [
-        [h.tokens for h in r] for r in (expected[0], expected[2])
-    ]
+    bos = [decoder.config.bos_token_id]
+    options = GenerationOptions(min_new_tokens=10)
+    loop = DecodeLoop(decoder, columns=32)
+    for i in range(IMAGES):
+        loop.add(i, embeds[i], bos, options)
+    results = {}
+    for _ in range(4):
+        results.update(loop.step())
+    assert 1 in loop.requests
+    loop.cancel(1)
+    assert 1 not in loop.requests
+    while len(loop):
+        results.update(loop.step())
+    assert sorted(results) == [0, 2]
+    expected = generate(decoder, embeds, [bos] * IMAGES, [options] * IMAGES)
+    assert [[h.tokens for h in results[i]] for i in (0, 2)] == [[h.tokens for h in expected[i]] for i in (0, 2)]
 
 
 @pytest.fixture(params=["fresh_memory", "dirty_memory"])

@@ -16,7 +16,7 @@ same checkpoint, options and image give the same captions, whatever else is in f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +114,8 @@ class _Group:
         self.penalised = bool((self.repetition_penalty != 1.0).any())
         self.temperature = self._rows(per_request([float(o.temperature) for o in options], torch.float32))
         self.top_k = self._rows(per_request([o.top_k for o in options]))
-        self.top_p = self._rows(per_request([1.0 - float(o.top_p) for o in options], torch.float32))
+        # top_p as the probability mass of the least likely tokens that sampling removes (1 - top_p, per row).
+        self.tail_mass = self._rows(per_request([1.0 - float(o.top_p) for o in options], torch.float32))
         self.nucleus = self._rows(per_request([o.top_p < 1.0 for o in options], torch.bool))
         self.generators = [r.generator for r in self.requests]
 
@@ -145,7 +146,7 @@ class _Group:
             scores = top_k_filter(scores, torch.where(k > 0, k.clamp(min=min_tokens_to_keep), k))
             rows = self.nucleus.nonzero().squeeze(1)
             if len(rows):
-                scores[rows] = top_p_filter(scores[rows], self.top_p[rows], min_tokens_to_keep)
+                scores[rows] = top_p_filter(scores[rows], self.tail_mass[rows], min_tokens_to_keep)
         return scores
 
 
@@ -476,27 +477,16 @@ def generate(
     image_embeds: torch.Tensor,
     prompts: list[list[int]],
     options: list[GenerationOptions],
-    is_cancelled: Callable[[int], bool] | None = None,
-    cancel_check_interval: int = 4,
-) -> list[list[Hypothesis] | None]:
-    """Caption R images at once: image_embeds [R, L, E]; prompts[i] starts with BOS; options validated.
-
-    Every `cancel_check_interval` steps, `is_cancelled(i)` is asked for each unfinished item i; a cancelled
-    item leaves at once and its result is None.
-    """
+) -> list[list[Hypothesis]]:
+    """Caption R images at once in a loop of their own: image_embeds [R, L, E]; prompts[i] starts with BOS;
+    options validated. (The served model runs one `DecodeLoop` for every request and cancels through it.)"""
     if not prompts:
         return []
     columns = max(len(p) for p in prompts) + max(o.max_new_tokens for o in options)
     loop = DecodeLoop(decoder, columns)
     for i, (prompt, item_options) in enumerate(zip(prompts, options, strict=True)):
         loop.add(i, image_embeds[i], prompt, item_options)
-    results: dict[int, list[Hypothesis] | None] = {}
-    step = 0
+    results: dict[Hashable, list[Hypothesis]] = {}
     while len(loop):
         results.update(loop.step())
-        step += 1
-        if is_cancelled is not None and step % cancel_check_interval == 0:
-            for key in [k for k in list(loop.requests) if is_cancelled(k)]:
-                loop.cancel(key)
-                results[key] = None
     return [results[i] for i in range(len(prompts))]

@@ -47,11 +47,12 @@ def top_k_filter(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(scores < threshold, -float("inf"))
 
 
-def top_p_filter(scores: torch.Tensor, one_minus_top_p: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
-    """TopPLogitsWarper with a top_p per row."""
+def top_p_filter(scores: torch.Tensor, tail_mass: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+    """TopPLogitsWarper with a top_p per row, given as each row's `tail_mass`, 1 - top_p, computed in float32 as
+    transformers does: the least likely tokens whose probabilities add up to at most that are removed."""
     sorted_logits, sorted_indices = torch.sort(scores, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= one_minus_top_p[:, None]
+    remove = cumulative <= tail_mass[:, None]
     remove[..., -min_tokens_to_keep:] = False
     remove = remove.scatter(1, sorted_indices, remove)
     return scores.masked_fill(remove, -float("inf"))
