@@ -185,7 +185,7 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
                                                  "max_position_embeddings": text_config.max_position_embeddings})
     # One source for option and image checks (the gateway, preprocess and text_decoder use the same code), and
     # for the turns the encoder and the decoder take on the CPU cores.
-    for directory, modules in ((preprocess, SHARED_MODULES + ("cpu_turns.py",)),
+    for directory, modules in ((preprocess, SHARED_MODULES),
                                (decoder, ("generation_options.py", "cpu_turns.py")),
                                (encoder, ("cpu_turns.py",))):
         for module in modules:
