@@ -175,7 +175,7 @@ def test_preprocess_answers_each_request_on_its_own(repositories, monkeypatch):
         def request(**inputs):
             return {"IMAGE": np.array([[image]], dtype=np.object_), **inputs}
 
-        good = request(PROMPT=np.array([["a picture of".encode()]], dtype=np.object_),
+        good = request(PROMPT=np.array([[b"a picture of"]], dtype=np.object_),
                        NUM_BEAMS=np.array([[1]], dtype=np.int32), DO_SAMPLE=np.array([[True]], dtype=np.bool_),
                        SEED=np.array([[7]], dtype=np.int64))
         bad_option = request(TOP_P=np.array([[1.5]], dtype=np.float32))
