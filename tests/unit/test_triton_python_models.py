@@ -76,8 +76,10 @@ class _Sender:
 class _Request:
     """A Triton request: its input arrays, whether its client cancelled it, its parameters (JSON)."""
 
-    def __init__(self, inputs, cancelled=False, parameters=None):
-        self.inputs, self.cancelled, self._parameters = inputs, cancelled, json.dumps(parameters or {})
+    def __init__(self, inputs, cancelled_after=None, parameters=None):
+        """cancelled_after: its client cancels it once Triton has been asked that many times (None: never)."""
+        self.inputs, self.cancelled_after, self._parameters = inputs, cancelled_after, json.dumps(parameters or {})
+        self.asked = 0
         self.sender = _Sender()
 
     def get_response_sender(self):
@@ -87,7 +89,8 @@ class _Request:
         return self._parameters
 
     def is_cancelled(self):
-        return self.cancelled
+        self.asked += 1
+        return self.cancelled_after is not None and self.asked > self.cancelled_after
 
 
 def _pb_utils() -> types.ModuleType:
@@ -102,11 +105,13 @@ def _pb_utils() -> types.ModuleType:
     return module
 
 
-def _load(monkeypatch, repository: Path, model: str):
+def _load(monkeypatch, repository: Path, model: str, **module_settings):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
     spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATE / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for name, value in module_settings.items():
+        setattr(module, name, value)
     directory = repository / model
     config = json_format.MessageToDict(parse_config(directory / "config.pbtxt"), preserving_proto_field_name=True)
     instance = module.TritonPythonModel()
@@ -123,7 +128,9 @@ def test_the_decoder_answers_cancelled_and_expired_requests_cancelled_and_the_ot
     from caption_generation import generate
     from generation_options import GenerationOptions
 
-    model = _load(monkeypatch, repositories["standard"], "text_decoder")
+    # Triton is asked about cancellations before every step (every 0.1 s when served), so that the tiny model's
+    # caption cannot finish between two questions.
+    model = _load(monkeypatch, repositories["standard"], "text_decoder", _CANCELLATION_CHECK_SECONDS=0.0)
     try:
         config = model.decoder.config
         embeds = torch.randn(4, 6, config.encoder_hidden_size, generator=torch.Generator().manual_seed(3))
@@ -135,11 +142,10 @@ def test_the_decoder_answers_cancelled_and_expired_requests_cancelled_and_the_ot
                              "GENERATION_OPTIONS": np.array([[options.to_json().encode()]], dtype=np.object_)},
                             **kwargs)
 
-        kept, cancelled = request(0), request(1, cancelled=True)
+        kept, cancelled = request(0), request(1, cancelled_after=3)  # cancelled mid-way, after a step or more
         expired = request(2, parameters={"deadline_unix_ms": int(time.time() * 1000) - 1000})
         bad = request(3)
         bad.inputs["GENERATION_OPTIONS"] = np.array([[b'{"num_beams": 99}']], dtype=np.object_)
-        time.sleep(0.2)  # the loop asks Triton about cancellations every 0.1 s: at its first step here
         assert model.execute([kept, cancelled, expired, bad]) is None  # queued: answered by the loop's thread
         for r in (kept, cancelled, expired, bad):
             assert r.sender.answered.wait(60)
@@ -152,6 +158,7 @@ def test_the_decoder_answers_cancelled_and_expired_requests_cancelled_and_the_ot
         for r in (cancelled, expired):
             assert error(r).code == _TritonError.CANCELLED
             assert "cancelled or its deadline passed" in str(error(r))
+        assert cancelled.asked == 4  # dropped when it was first said to be cancelled, never asked again
         answer = kept.sender.responses[0][0]
         assert answer.error is None
         alone = generate(model.decoder, embeds[:1], [[config.bos_token_id]], [options])[0]
