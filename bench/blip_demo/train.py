@@ -24,8 +24,11 @@ from pathlib import Path
 from blip_demo.evaluate import scenes as held_out
 from blip_demo.model import DemoArchitecture, build_config, build_processor
 from blip_demo.scenes import PROMPT, SceneStyle, encode, render
+from blip_server.shared.generation_options import GenerationOptions
 
-SERVICE_DEFAULTS = dict(num_beams=3, max_new_tokens=20, min_new_tokens=5)
+# Checked with the service's own defaults, from the options' declaration.
+_DEFAULTS = GenerationOptions()
+SERVICE_DEFAULTS = {name: getattr(_DEFAULTS, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens")}
 
 
 @dataclass(kw_only=True)
