@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
-from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, load_image, preprocess
+from image_preprocessing import ImageError, ImageLimits, ImageProcessorConfig, load_image, preprocess
 
 from blip_server.checkpoint import image_settings
 from support import images, reference
@@ -68,40 +65,3 @@ def test_images_over_the_side_limit_are_refused_before_decoding():
     with pytest.raises(ImageError, match="the image is 400x30; the limit is 399 pixels a side"):
         load_image(data, ImageLimits(max_side=399))
     assert load_image(data, ImageLimits(max_side=400)).size == (400, 30)
-
-
-def test_the_decode_budget_lets_large_images_take_turns():
-    budget, running, peak, lock = DecodeBudget(capacity=100), [0], [0], threading.Lock()
-
-    def decode(size):
-        with budget.reserve(size):
-            with lock:
-                running[0] += size
-                peak[0] = max(peak[0], running[0])
-            time.sleep(0.05)
-            with lock:
-                running[0] -= size
-
-    threads = [threading.Thread(target=decode, args=(size,)) for size in (60, 60, 60, 30, 250)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads)  # one larger than the whole budget still ran, alone
-    assert peak[0] == 250 or peak[0] <= 100
-    assert budget.used == 0
-
-
-def test_preprocessing_holds_its_budget_while_it_works_on_the_full_size_image():
-    budget = DecodeBudget(capacity=1 << 40)
-    seen = []
-    reserve = budget.reserve
-
-    def spy(size):
-        seen.append(size)
-        return reserve(size)
-
-    budget.reserve = spy
-    config = ImageProcessorConfig(384, 384, 3, True, True, True, 1 / 255, True, (0.5,) * 3, (0.5,) * 3)
-    preprocess(images.encode(images.rgb(300, 200), "PNG"), config, LIMITS, budget)
-    assert seen == [300 * 200 * 16] and budget.used == 0

@@ -13,8 +13,9 @@ With torchvision installed, `AutoProcessor` picks the torchvision backend of `Bl
 its pixels differ slightly (up to a few levels on some pixels): `torchvision_pixel_values` computes those, with
 the torch operations torchvision runs on the CPU, for a repository exported with `--image-processor torchvision`.
 
-Before a pixel is decoded, the header's size is checked against the limits (`image_header`), and the decode
-waits for room in a `DecodeBudget`: concurrent large images take turns instead of multiplying memory.
+Before a pixel is decoded, the header's size is checked against the limits (`image_header`). An instance of
+`preprocess` handles one request at a time, so its memory peaks at one image's decode (up to about 16 bytes a
+pixel: 800 MB at the default 50-MP limit).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +30,8 @@ import numpy as np
 from image_header import ImageError, ImageLimits, check, open_image
 from PIL import Image, ImageOps
 
-__all__ = ["DecodeBudget", "ImageError", "ImageLimits", "ImageProcessorConfig", "PROCESSORS", "load_image",
+__all__ = ["ImageError", "ImageLimits", "ImageProcessorConfig", "PROCESSORS", "load_image",
            "pixel_values", "preprocess", "torchvision_pixel_values"]
-
-# Bytes a decode may hold per pixel at its peak: the decoded image (up to 4 bytes a pixel, 8 for 16-bit RGBA)
-# beside its RGB (3) or, for transparency, RGBA composite (2 x 4) conversions.
-PEAK_BYTES_PER_PIXEL = 16
 
 
 @dataclass(frozen=True)
@@ -63,30 +59,6 @@ class ImageProcessorConfig:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
-
-
-class DecodeBudget:
-    """At most `capacity` bytes of images being decoded at once; an image larger than all of it decodes alone."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.used = 0
-        self._room = threading.Condition()
-
-    @contextmanager
-    def reserve(self, size: int):
-        with self._room:
-            self._room.wait_for(lambda: self.used == 0 or self.used + size <= self.capacity)
-            self.used += size
-        try:
-            yield
-        finally:
-            with self._room:
-                self.used -= size
-                self._room.notify_all()
-
-
-_UNLIMITED = DecodeBudget(capacity=1 << 62)
 
 
 def _decode(image: Image.Image, header) -> Image.Image:
@@ -198,15 +170,13 @@ def torchvision_pixel_values(image: Image.Image, config: ImageProcessorConfig) -
 PROCESSORS = {"pil": pixel_values, "torchvision": torchvision_pixel_values}
 
 
-def preprocess(data: bytes, config: ImageProcessorConfig, limits: ImageLimits,
-               budget: DecodeBudget = _UNLIMITED) -> np.ndarray:
-    """Pixel values of encoded image bytes; the full-size work waits for room in `budget`."""
+def preprocess(data: bytes, config: ImageProcessorConfig, limits: ImageLimits) -> np.ndarray:
+    """Pixel values of encoded image bytes, refused by their header's size before any decoding."""
     image = open_image(data)
     header = check(image, limits)
-    with budget.reserve(header.pixels * PEAK_BYTES_PER_PIXEL):
-        rgb = _decode(image, header)
-        try:
-            return PROCESSORS[config.backend](rgb, config)
-        finally:
-            rgb.close()
-            image.close()
+    rgb = _decode(image, header)
+    try:
+        return PROCESSORS[config.backend](rgb, config)
+    finally:
+        rgb.close()
+        image.close()

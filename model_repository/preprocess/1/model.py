@@ -7,9 +7,9 @@ with defaults filled in, as JSON).
 
 Options are resolved and validated first, and the prompt's length checked in bytes before it is tokenised, so a
 bad request is refused before any image work; the image's size is checked from its header before it is decoded,
-and its decoding waits for room in the instance's decode budget. Two instances (config.pbtxt) decode two images at
-once. A bad request is answered with its own INVALID_ARG error, and any other failure while handling a request
-with its own INTERNAL error: requests are answered one by one, each on its own.
+and an instance decodes one image at a time (two instances in config.pbtxt: two images at once). A bad request
+is answered with its own INVALID_ARG error, and any other failure while handling a request with its own INTERNAL
+error: requests are answered one by one, each on its own.
 
 Limits come from the config's parameters; `BLIP_MAX_IMAGE_PIXELS`, `BLIP_MAX_IMAGE_SIDE` and
 `BLIP_MAX_PROMPT_BYTES` in Triton's environment override them (`blip-serve` passes its flags that way).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from generation_options import REQUEST_OPTIONS, GenerationLimits, GenerationOptions, OptionError, from_parameters
-from image_preprocessing import DecodeBudget, ImageError, ImageLimits, ImageProcessorConfig, preprocess
+from image_preprocessing import ImageError, ImageLimits, ImageProcessorConfig, preprocess
 from prompt_tokens import PromptError, PromptTokenizer
 
 
@@ -66,7 +66,6 @@ class TritonPythonModel:
         self.image_config = ImageProcessorConfig.from_json(directory / "image_processor.json")
         self.image_limits = ImageLimits(max_pixels=_limit(params, "max_image_pixels", ImageLimits.max_pixels),
                                         max_side=_limit(params, "max_image_side", ImageLimits.max_side))
-        self.budget = DecodeBudget(_limit(params, "decode_budget_bytes", 1 << 30))
         self.max_prompt_bytes = _limit(params, "max_prompt_bytes", 2048)
         self.max_positions = settings["max_position_embeddings"]
         self.prompts = PromptTokenizer(
@@ -137,7 +136,7 @@ class TritonPythonModel:
         except (PromptError, OptionError) as exc:
             raise _BadRequest(str(exc)) from None
         try:
-            pixels = preprocess(bytes(images[0]), self.image_config, self.image_limits, self.budget)
+            pixels = preprocess(bytes(images[0]), self.image_config, self.image_limits)
         except ImageError as exc:
             raise _BadRequest(str(exc)) from None
         return (pixels[None], np.array([ids], dtype=np.int64),
