@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from blip_server.ensemble import CaptionText
-from blip_server.gateway import status_mapping as errors
+from blip_server.gateway import status_mapping
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import ModelDescription
 from blip_server.gateway.replicas import ReplicaPool
@@ -13,11 +13,11 @@ from support import images
 
 IMAGE = images.encode(images.rgb(8, 8), "PNG")
 FAILURES = {
-    "invalid": errors.InvalidArgument("num_beams=0 is out of range: allowed 1 to 8"),
-    "exhausted": errors.ResourceExhausted("too big"),
-    "unavailable": errors.Unavailable("the inference server is unavailable"),
-    "deadline": errors.DeadlineExceeded("too slow"),
-    "cancelled": errors.Cancelled("cancelled"),
+    "invalid": status_mapping.InvalidArgument("num_beams=0 is out of range: allowed 1 to 8"),
+    "exhausted": status_mapping.ResourceExhausted("too big"),
+    "unavailable": status_mapping.Unavailable("the inference server is unavailable"),
+    "deadline": status_mapping.DeadlineExceeded("too slow"),
+    "cancelled": status_mapping.Cancelled("cancelled"),
 }
 
 
@@ -51,9 +51,9 @@ class FakeCaptioner(Captioner):
         if job.prompt.startswith("flaky:"):  # UNAVAILABLE for the first N calls with this prompt
             self.flaky = getattr(self, "flaky", 0) + 1
             if self.flaky <= int(job.prompt[6:]):
-                raise errors.Unavailable("the inference server is restarting")
+                raise status_mapping.Unavailable("the inference server is restarting")
         if job.prompt.startswith("cancelled:"):  # CANCELLED by the server for the first N calls with this prompt
             self.cancelled = getattr(self, "cancelled", 0) + 1
             if self.cancelled <= int(job.prompt[10:]):
-                raise errors.Cancelled("the server cancelled the call")
+                raise status_mapping.Cancelled("the server cancelled the call")
         return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]

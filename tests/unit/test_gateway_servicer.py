@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from blip_client import CaptionClient, GenerationOptions
 from blip_client import _errors as client_errors
-from blip_server.gateway import status_mapping as errors
+from blip_server.gateway import status_mapping
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import CaptionJob
 from blip_server.gateway.replicas import Replica, ReplicaPool
@@ -51,7 +51,7 @@ def test_a_bug_is_internal_with_a_generic_message(served):
     with CaptionClient(gateway.address) as client, pytest.raises(client_errors.InternalError) as error:
         client.caption(IMAGE, prompt="crash")
     assert "secret" not in error.value.message and "Traceback" not in error.value.message
-    assert error.value.message == errors.INTERNAL_MESSAGE
+    assert error.value.message == status_mapping.INTERNAL_MESSAGE
 
 
 def test_explicit_zero_options_are_sent_and_unset_ones_are_not(served):
@@ -216,9 +216,9 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
     pool.replicas["127.0.0.1:1"] = Replica("127.0.0.1:1", CancellingTriton(), up=True)
     captioner = Captioner(pool, GatewayLimits())
     job = CaptionJob(IMAGE, "", {}, "")
-    with pytest.raises(errors.DeadlineExceeded):
+    with pytest.raises(status_mapping.DeadlineExceeded):
         asyncio.run(captioner._infer(job, timeout=0.01))
-    with pytest.raises(errors.Cancelled):
+    with pytest.raises(status_mapping.Cancelled):
         asyncio.run(captioner._infer(job, timeout=10))
 
 
