@@ -152,8 +152,10 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     started = time.monotonic()
     log.info("loading %s", checkpoint)
     try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-        model = BlipForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        # A local directory or a hub id the operator chose: the export records the files' digests in its manifest,
+        # and a hub snapshot is pinned by downloading it first (docs/deployment.md), not here.
+        processor = AutoProcessor.from_pretrained(checkpoint)  # nosec B615
+        model = BlipForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()  # nosec B615
     except Exception as exc:
         raise ExportError(f"transformers could not load {checkpoint}: {exc}") from exc
     vision_config, text_config = model.config.vision_config, model.config.text_config

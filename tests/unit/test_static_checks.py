@@ -1,8 +1,8 @@
 """The static checkers run with the tests, so that a finding fails the README's test command (and CI).
 
 ruff over the whole repository (its rules in pyproject.toml), mypy --strict over the client SDK (a typed library
-that ships `py.typed`) and the gateway, bandit over the server for high-severity findings. Each prints what it
-found.
+that ships `py.typed`) and the gateway, bandit over the server for medium- and high-severity findings. Each prints
+what it found.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def test_the_client_ships_its_type_marker():
     assert (ROOT / "client" / "blip_client" / "py.typed").is_file()
 
 
-def test_bandit_finds_no_high_severity_issue_in_the_server():
-    result = _run("bandit", "--quiet", "--recursive", "--severity-level", "high", "server")
+def test_bandit_finds_no_medium_or_high_severity_issue_in_the_server():
+    # Each finding reviewed and accepted is marked `# nosec <test id>` with its reason on the line or just above.
+    result = _run("bandit", "--quiet", "--recursive", "--severity-level", "medium", "server")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -47,4 +48,4 @@ def test_the_checkers_fail_on_a_finding(tmp_path):
                    "def f(x):\n    subprocess.call(x, shell=True)\n    return undefined\n")
     assert _run("ruff", "check", "--no-cache", "--isolated", "--select", "F", str(bad)).returncode != 0
     assert _run("mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(bad)).returncode != 0
-    assert _run("bandit", "--quiet", "--severity-level", "high", str(bad)).returncode != 0
+    assert _run("bandit", "--quiet", "--severity-level", "medium", str(bad)).returncode != 0

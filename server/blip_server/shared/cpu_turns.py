@@ -54,7 +54,9 @@ def cpu_quota(cgroup: Path = CGROUP, self_cgroup: Path = Path("/proc/self/cgroup
 
 
 def turns_directory() -> Path:
-    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    # Beside Triton's own Python-backend regions. The file holds no data: only its lock is used (opened 0600, at
+    # a path named by the server's process id).
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())  # nosec B108
 
 
 def turns_path(server_pid: int, directory: Path | None = None) -> Path:
