@@ -152,8 +152,8 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     started = time.monotonic()
     log.info("loading %s", checkpoint)
     try:
-        # A local directory or a hub id the operator chose: the export records the files' digests in its manifest,
-        # and a hub snapshot is pinned by downloading it first (docs/deployment.md), not here.
+        # The checkpoint the operator named: a local directory (a hub snapshot) whose files' digests the manifest
+        # records. A hub id is taken as transformers takes it; pinning a revision is the operator's download step.
         processor = AutoProcessor.from_pretrained(checkpoint)  # nosec B615
         model = BlipForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()  # nosec B615
     except Exception as exc:
