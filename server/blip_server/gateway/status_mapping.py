@@ -9,6 +9,7 @@ traceback on the wire. (The operator's errors, which stop blip-serve or blip-exp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -173,56 +174,50 @@ class _StatusMapping:
         self._method = method
         self._observe = observe
 
+    @contextlib.asynccontextmanager
+    async def _boundary(self, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[None]:
+        """Around one call's behaviour: its outcome observed, a failure turned into its status."""
+        started = time.perf_counter()
+
+        def observe(code: str) -> None:
+            self._observe(self._method, code, time.perf_counter() - started)
+
+        try:
+            yield
+        except ServiceError as exc:
+            error = exc
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            observe(_interrupted(exc, context))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
+            error = unexpected(exc)
+        else:
+            observe(grpc.StatusCode.OK.name)
+            return
+        observe(error.code.name)
+        await context.abort(error.code, error.message)
+
     def unary_response(
         self, behavior: UnaryResponse[_In, _TRequest, _TResponse]
     ) -> UnaryResponse[_In, _TRequest, _TResponse]:
-        method, observe = self._method, self._observe
-
         async def wrapped(request: _In, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> _TResponse:
-            started = time.perf_counter()
-            try:
-                response = await behavior(request, context)
-            except ServiceError as exc:
-                error = exc
-            except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-                observe(method, _interrupted(exc, context), time.perf_counter() - started)
-                raise
-            except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
-                error = unexpected(exc)
-            else:
-                observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
-                return response
-            observe(method, error.code.name, time.perf_counter() - started)
-            await context.abort(error.code, error.message)
+            async with self._boundary(context):
+                return await behavior(request, context)
+            raise AssertionError("unreachable: the boundary answers a failure with context.abort, which raises")
 
         return wrapped
 
     def stream_response(
         self, behavior: StreamResponse[_In, _TRequest, _TResponse]
     ) -> StreamResponse[_In, _TRequest, _TResponse]:
-        method, observe = self._method, self._observe
-
         async def wrapped(request: _In,
                           context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[_TResponse]:
-            started = time.perf_counter()
-            try:
+            async with self._boundary(context):
                 responses = behavior(request, context)
                 if isinstance(responses, AsyncIterator):
                     async for response in responses:
                         yield response
                 else:  # a coroutine that answers with context.write()
                     await responses
-            except ServiceError as exc:
-                error = exc
-            except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-                observe(method, _interrupted(exc, context), time.perf_counter() - started)
-                raise
-            except Exception as exc:  # noqa: BLE001 - the boundary: log it, answer INTERNAL
-                error = unexpected(exc)
-            else:
-                observe(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
-                return
-            observe(method, error.code.name, time.perf_counter() - started)
-            await context.abort(error.code, error.message)
 
         return wrapped
