@@ -5,12 +5,9 @@ provides) is stood in for by the few calls the models make; the served models ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -19,49 +16,10 @@ import torch
 from google.protobuf import json_format
 
 from blip_server.repository import parse_config
-from support import images
+from support import images, python_backend
+from support.python_backend import Tensor, TritonError
 
 TEMPLATE = Path(__file__).parents[2] / "model_repository"
-
-
-class _TritonError(Exception):
-    INVALID_ARG, INTERNAL, CANCELLED, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "CANCELLED", "UNAVAILABLE"
-
-    def __init__(self, message, code=None):
-        super().__init__(message)
-        self.code = code
-
-
-class _Tensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, array
-
-    def as_numpy(self):
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name: t.array for t in output_tensors}
-        self.error = error
-
-
-class _Metric:
-    def increment(self, value):
-        pass
-
-    def set(self, value):
-        pass
-
-
-class _MetricFamily:
-    COUNTER, GAUGE = "counter", "gauge"
-
-    def __init__(self, name, description, kind):
-        pass
-
-    def Metric(self):  # noqa: N802 - Triton's name
-        return _Metric()
 
 
 class _Sender:
@@ -93,23 +51,10 @@ class _Request:
         return self.cancelled_after is not None and self.asked > self.cancelled_after
 
 
-def _pb_utils() -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-    module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _TritonError
-    module.MetricFamily = _MetricFamily
-    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    module.get_input_tensor_by_name = lambda request, name: (
-        _Tensor(name, request.inputs[name]) if name in request.inputs else None)
-    module.Logger = types.SimpleNamespace(log_error=lambda message: None, log_warn=lambda message: None,
-                                          log_info=lambda message: None)
-    return module
-
-
 def _load(monkeypatch, repository: Path, model: str, **module_settings):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
-    spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATE / model / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = python_backend.load_model_module(
+        monkeypatch, TEMPLATE / model / "1" / "model.py", f"{model}_model",
+        lambda request, name: Tensor(name, request.inputs[name]) if name in request.inputs else None)
     for name, value in module_settings.items():
         setattr(module, name, value)
     directory = repository / model
@@ -154,9 +99,9 @@ def test_the_decoder_answers_cancelled_and_expired_requests_cancelled_and_the_ot
         def error(r):
             return r.sender.responses[0][0].error
 
-        assert error(bad).code == _TritonError.INVALID_ARG and "num_beams=99 is out of range" in str(error(bad))
+        assert error(bad).code == TritonError.INVALID_ARG and "num_beams=99 is out of range" in str(error(bad))
         for r in (cancelled, expired):
-            assert error(r).code == _TritonError.CANCELLED
+            assert error(r).code == TritonError.CANCELLED
             assert "cancelled or its deadline passed" in str(error(r))
         assert cancelled.asked == 4  # dropped when it was first said to be cancelled, never asked again
         answer = kept.sender.responses[0][0]
@@ -194,7 +139,7 @@ def test_preprocess_answers_each_request_on_its_own(repositories, monkeypatch):
         resolved = GenerationOptions.from_json(bytes(ok.outputs["GENERATION_OPTIONS"][0][0]))
         assert resolved == GenerationOptions(num_beams=1, do_sample=True, seed=7)
         assert ok.outputs["PIXEL_VALUES"].shape[:2] == (1, 3) and ok.outputs["PROMPT_IDS"].shape[0] == 1
-        assert refused_option.error.code == _TritonError.INVALID_ARG and "top_p=1.5" in str(refused_option.error)
-        assert refused_image.error.code == _TritonError.INVALID_ARG
+        assert refused_option.error.code == TritonError.INVALID_ARG and "top_p=1.5" in str(refused_option.error)
+        assert refused_image.error.code == TritonError.INVALID_ARG
     finally:
         model.finalize()

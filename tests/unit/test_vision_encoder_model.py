@@ -5,9 +5,7 @@ provides) is stood in for by the few calls the model makes; the served model is 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -17,38 +15,10 @@ import pytest
 from google.protobuf import json_format
 
 from blip_server.repository import parse_config
+from support import python_backend
+from support.python_backend import Tensor, TritonError
 
 MODEL_PY = Path(__file__).parents[2] / "model_repository" / "vision_encoder" / "1" / "model.py"
-
-
-class _TritonError(Exception):
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        super().__init__(message)
-        self.code = code
-
-
-class _Tensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, array
-
-    def as_numpy(self):
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name: t.array for t in output_tensors}
-        self.error = error
-
-
-def _pb_utils() -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-    module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _TritonError
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)
-    module.Logger = types.SimpleNamespace(log_error=lambda message: None, log_warn=lambda message: None)
-    return module
 
 
 class _Recorder:
@@ -75,11 +45,9 @@ class _Recorder:
 
 @pytest.fixture
 def load_model(repositories, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
     directory = repositories["standard"] / "vision_encoder"
-    spec = importlib.util.spec_from_file_location("vision_encoder_model", MODEL_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = python_backend.load_model_module(monkeypatch, MODEL_PY, "vision_encoder_model",
+                                              lambda request, name: request.get(name))
 
     def load(config_name: str):
         config = json_format.MessageToDict(parse_config(directory / config_name), preserving_proto_field_name=True)
@@ -95,9 +63,9 @@ def load_model(repositories, monkeypatch):
     return load
 
 
-def _requests(sizes: list[int], seed: int = 5) -> list[dict[str, _Tensor]]:
+def _requests(sizes: list[int], seed: int = 5) -> list[dict[str, Tensor]]:
     rng = np.random.default_rng(seed)
-    return [{"PIXEL_VALUES": _Tensor("PIXEL_VALUES", rng.standard_normal((n, 3, 384, 384), dtype=np.float32))}
+    return [{"PIXEL_VALUES": Tensor("PIXEL_VALUES", rng.standard_normal((n, 3, 384, 384), dtype=np.float32))}
             for n in sizes]
 
 
@@ -122,10 +90,10 @@ def test_a_batch_runs_in_runs_of_images_per_run_each_in_its_own_turn(repositorie
 def test_a_malformed_request_fails_alone_and_the_others_are_encoded(repositories, load_model):
     model, recorder = load_model("config.pbtxt")
     requests = _requests([1, 1])
-    bad = {"PIXEL_VALUES": _Tensor("PIXEL_VALUES", np.zeros((1, 3, 32, 32), dtype=np.float32))}
+    bad = {"PIXEL_VALUES": Tensor("PIXEL_VALUES", np.zeros((1, 3, 32, 32), dtype=np.float32))}
     responses = model.execute([requests[0], bad, requests[1]])
     assert [size for event, size in recorder.events if event == "run"] == [1, 1]
-    assert responses[1].error.code == _TritonError.INVALID_ARG and "PIXEL_VALUES must be float32" in str(
+    assert responses[1].error.code == TritonError.INVALID_ARG and "PIXEL_VALUES must be float32" in str(
         responses[1].error)
     for response, expected in zip([responses[0], responses[2]], _expected(repositories, requests), strict=True):
         np.testing.assert_allclose(response.outputs["IMAGE_EMBEDS"], expected, atol=1e-5)
