@@ -23,7 +23,7 @@ from blip_client._requests import (
     metadata,
     stream_item,
 )
-from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
+from blip_client._types import CaptionResult, GenerationOptions, ModelInfo, ModelSummary
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
 _Request = TypeVar("_Request")
@@ -39,7 +39,8 @@ class AsyncCaptionClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY,
+                 model: str = "") -> None:
         credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(retry)
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
@@ -47,6 +48,7 @@ class AsyncCaptionClient:
         self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = metadata(api_key)
+        self._model = model  # the model of calls that name none (empty: the server's default)
 
     async def __aenter__(self) -> AsyncCaptionClient:
         return self
@@ -66,15 +68,16 @@ class AsyncCaptionClient:
             raise from_rpc_error(error) from error
 
     async def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
-                      timeout: float | Default | None = DEFAULT, request_id: str = "") -> CaptionResult:
-        """Caption one image. Raises the errors CaptionClient.caption raises."""
-        request = build_request(image, prompt, options, request_id)
+                      timeout: float | Default | None = DEFAULT, request_id: str = "",
+                      model: str = "") -> CaptionResult:
+        """Caption one image with `model` (empty: the default). Raises the errors CaptionClient.caption raises."""
+        request = build_request(image, prompt, options, request_id, model or self._model)
         return CaptionResult.from_pb(await self._call(self._stub.Caption, request, timeout))
 
     async def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "",
                            options: GenerationOptions | None = None, timeout: float | Default | None = DEFAULT,
-                           concurrency: int = 8,
-                           return_exceptions: bool = False) -> list[CaptionResult | BaseException]:
+                           concurrency: int = 8, return_exceptions: bool = False,
+                           model: str = "") -> list[CaptionResult | BaseException]:
         """Caption many images with at most `concurrency` calls in flight; results in input order.
 
         With return_exceptions, a failed image's entry is its exception (as asyncio.gather gives it: a CaptionError
@@ -84,20 +87,27 @@ class AsyncCaptionClient:
 
         async def one(image: ImageInput) -> CaptionResult:
             async with slots:
-                return await self.caption(image, prompt=prompt, options=options, timeout=timeout)
+                return await self.caption(image, prompt=prompt, options=options, timeout=timeout, model=model)
 
         return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=return_exceptions))
 
     async def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "",
-                             options: GenerationOptions | None = None,
-                             timeout: float | None = None) -> AsyncIterator[tuple[int, CaptionResult | CaptionError]]:
+                             options: GenerationOptions | None = None, timeout: float | None = None,
+                             model: str = "") -> AsyncIterator[tuple[int, CaptionResult | CaptionError]]:
         """Caption images over one CaptionStream; yields (index, result or error) as they finish."""
-        requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
+        model = model or self._model
+        requests = (build_request(image, prompt, options, str(i), model) for i, image in enumerate(images))
         try:
             async for response in self._stub.CaptionStream(requests, timeout=timeout, metadata=self._metadata):
                 yield stream_item(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
-    async def model_info(self, timeout: float | Default | None = DEFAULT) -> ModelInfo:
-        return ModelInfo.from_pb(await self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))
+    async def model_info(self, timeout: float | Default | None = DEFAULT, *, model: str = "") -> ModelInfo:
+        request = caption_pb2.GetModelInfoRequest(model=model or self._model)
+        return ModelInfo.from_pb(await self._call(self._stub.GetModelInfo, request, timeout))
+
+    async def list_models(self, timeout: float | Default | None = DEFAULT) -> list[ModelSummary]:
+        """The models the server serves, the default first."""
+        response = await self._call(self._stub.ListModels, caption_pb2.ListModelsRequest(), timeout)
+        return [ModelSummary.from_pb(m) for m in response.models]

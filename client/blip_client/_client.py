@@ -23,7 +23,7 @@ from blip_client._requests import (
     metadata,
     stream_item,
 )
-from blip_client._types import CaptionResult, GenerationOptions, ModelInfo
+from blip_client._types import CaptionResult, GenerationOptions, ModelInfo, ModelSummary
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
 
 _Request = TypeVar("_Request")
@@ -38,12 +38,14 @@ class CaptionClient:
 
     `timeout` (seconds, None for none) applies to every call that does not pass its own. `tls_ca` (and, for mutual
     TLS, `tls_cert` and `tls_key`) are PEM files, paths or bytes, for a server that uses TLS. Calls answered
-    UNAVAILABLE are retried by gRPC as `retry` says (bounded, with jittered backoff; None: never).
+    UNAVAILABLE are retried by gRPC as `retry` says (bounded, with jittered backoff; None: never). `model` names the
+    served model (`list_models()`) of every call that names none (empty: the server's default).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, api_key: str | None = None,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = DEFAULT_RETRY,
+                 model: str = "") -> None:
         credentials = credentials or channel_credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(retry)
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -51,6 +53,7 @@ class CaptionClient:
         self._stub = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = metadata(api_key)
+        self._model = model  # the model of calls that name none (empty: the server's default)
 
     def __enter__(self) -> CaptionClient:
         return self
@@ -69,8 +72,9 @@ class CaptionClient:
             raise from_rpc_error(error) from error
 
     def caption(self, image: ImageInput, *, prompt: str = "", options: GenerationOptions | None = None,
-                timeout: float | Default | None = DEFAULT, request_id: str = "") -> CaptionResult:
-        """Caption one image (bytes, a path or a PIL image).
+                timeout: float | Default | None = DEFAULT, request_id: str = "", model: str = "") -> CaptionResult:
+        """Caption one image (bytes, a path or a PIL image) with `model` (a name `list_models()` gives; empty: the
+        server's default).
 
         Raises:
             InvalidArgumentError: the image cannot be captioned, or an option is out of range.
@@ -78,14 +82,15 @@ class CaptionClient:
             UnavailableError: the server is down or restarting.
             DeadlineExceededError: the timeout passed.
             UnauthenticatedError: a valid API key is required.
+            NotFoundError: `model` is not served.
             CaptionError: any other failure (InternalError, CancelledError, ...).
         """
-        request = build_request(image, prompt, options, request_id)
+        request = build_request(image, prompt, options, request_id, model or self._model)
         return CaptionResult.from_pb(self._call(self._stub.Caption, request, timeout))
 
     def caption_many(self, images: Sequence[ImageInput], *, prompt: str = "", options: GenerationOptions | None = None,
                      timeout: float | Default | None = DEFAULT, concurrency: int = 8,
-                     return_exceptions: bool = False) -> list[CaptionResult | CaptionError]:
+                     return_exceptions: bool = False, model: str = "") -> list[CaptionResult | CaptionError]:
         """Caption many images with at most `concurrency` calls in flight; results in input order.
 
         With return_exceptions, a failed image's entry is its CaptionError; otherwise the first failure raises.
@@ -93,7 +98,7 @@ class CaptionClient:
 
         def one(image: ImageInput) -> CaptionResult | CaptionError:
             try:
-                return self.caption(image, prompt=prompt, options=options, timeout=timeout)
+                return self.caption(image, prompt=prompt, options=options, timeout=timeout, model=model)
             except CaptionError as error:
                 if return_exceptions:
                     return error
@@ -103,16 +108,23 @@ class CaptionClient:
             return list(pool.map(one, images))
 
     def caption_stream(self, images: Iterable[ImageInput], *, prompt: str = "",
-                       options: GenerationOptions | None = None,
-                       timeout: float | None = None) -> Iterator[tuple[int, CaptionResult | CaptionError]]:
+                       options: GenerationOptions | None = None, timeout: float | None = None,
+                       model: str = "") -> Iterator[tuple[int, CaptionResult | CaptionError]]:
         """Caption images over one CaptionStream; yields (index in `images`, result or error) as they finish."""
-        requests = (build_request(image, prompt, options, str(i)) for i, image in enumerate(images))
+        model = model or self._model
+        requests = (build_request(image, prompt, options, str(i), model) for i, image in enumerate(images))
         try:
             for response in self._stub.CaptionStream(requests, timeout=timeout, metadata=self._metadata):
                 yield stream_item(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
-    def model_info(self, timeout: float | Default | None = DEFAULT) -> ModelInfo:
-        """What the server serves: model, image size, option defaults and limits."""
-        return ModelInfo.from_pb(self._call(self._stub.GetModelInfo, caption_pb2.GetModelInfoRequest(), timeout))
+    def model_info(self, timeout: float | Default | None = DEFAULT, *, model: str = "") -> ModelInfo:
+        """What the server serves as `model` (empty: its default): image size, option defaults and limits."""
+        request = caption_pb2.GetModelInfoRequest(model=model or self._model)
+        return ModelInfo.from_pb(self._call(self._stub.GetModelInfo, request, timeout))
+
+    def list_models(self, timeout: float | Default | None = DEFAULT) -> list[ModelSummary]:
+        """The models the server serves, the default first."""
+        response = self._call(self._stub.ListModels, caption_pb2.ListModelsRequest(), timeout)
+        return [ModelSummary.from_pb(m) for m in response.models]

@@ -56,6 +56,12 @@ class UnauthenticatedError(CaptionError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class NotFoundError(CaptionError):
+    """The model the call named is not served (ListModels lists those that are)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class InternalError(CaptionError):
     """The server failed; its log has the details."""
 
@@ -65,7 +71,7 @@ class InternalError(CaptionError):
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[CaptionError]] = {
     cls.code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, UnavailableError, DeadlineExceededError,
-                CancelledError, UnauthenticatedError, InternalError)
+                CancelledError, UnauthenticatedError, NotFoundError, InternalError)
 }
 
 

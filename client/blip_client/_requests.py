@@ -35,12 +35,13 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def build_request(image: ImageInput, prompt: str, options: GenerationOptions | None,
-                  request_id: str = "") -> caption_pb2.CaptionRequest:
+                  request_id: str = "", model: str = "") -> caption_pb2.CaptionRequest:
     return caption_pb2.CaptionRequest(
         image=image_bytes(image),
         prompt=prompt or "",
         options=(options or GenerationOptions()).to_pb(),
         request_id=request_id,
+        model=model or "",
     )
 
 

@@ -74,6 +74,23 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ModelSummary:
+    """One served model (`list_models()`): its name (what `model=` takes), source checkpoint, precision, whether
+    it is the default (the model of calls that name none), and the Triton ensemble that serves it."""
+
+    name: str
+    source_checkpoint: str
+    precision: str
+    is_default: bool
+    triton_ensemble: str
+
+    @classmethod
+    def from_pb(cls, message: caption_pb2.ModelSummary) -> ModelSummary:
+        return cls(message.name, message.source_checkpoint, message.precision, message.is_default,
+                   message.triton_ensemble)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model: str
     source_checkpoint: str

@@ -17,6 +17,10 @@ import numpy.typing as npt
 from blip_server.shared.generation_options import REQUEST_OPTIONS, Option
 
 MODEL = "blip_caption"
+# The parameter of the default ensemble's config that lists every model a Triton serves, as JSON: a list of
+# {"name", "ensemble", "preprocess"}, the default first (`blip_server.served_models` writes it). A repository
+# without it (one export, served as it was exported) serves one model, `blip_caption`.
+CATALOG_PARAMETER = "served_models"
 
 # Triton datatype -> numpy dtype, for the datatypes options are declared with.
 NUMPY_DTYPES: dict[str, type[np.generic]] = {"BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,

@@ -146,9 +146,10 @@ def test_blip_serve_reports_metrics_of_calls_and_its_replica(service):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("blip_gateway_requests_total", method="Caption", code="OK") == 1
-    assert delta("blip_gateway_requests_total", method="Caption", code="INVALID_ARGUMENT") == 1
-    assert delta("blip_gateway_request_duration_seconds_count", method="Caption") == 2
+    model = "standard"  # the fixture serves a bare --model path, named after its folder
+    assert delta("blip_gateway_requests_total", method="Caption", code="OK", model=model) == 1
+    assert delta("blip_gateway_requests_total", method="Caption", code="INVALID_ARGUMENT", model=model) == 1
+    assert delta("blip_gateway_request_duration_seconds_count", method="Caption", model=model) == 2
     assert after[("blip_gateway_triton_replica_up", (("endpoint", f"127.0.0.1:{service.ports['grpc']}"),))] == 1
     assert after[("blip_gateway_in_flight_requests", ())] == 0
 

@@ -7,7 +7,7 @@ import asyncio
 from blip_server.ensemble import CaptionText
 from blip_server.gateway import status_mapping
 from blip_server.gateway.captioner import Captioner, GatewayLimits
-from blip_server.gateway.messages import ModelDescription
+from blip_server.gateway.messages import ModelDescription, ServedModel
 from blip_server.gateway.replicas import ReplicaPool
 from support import images
 
@@ -24,8 +24,14 @@ FAILURES = {
 _DEFAULT_LIMITS = GatewayLimits()  # frozen: one instance can be every captioner's default
 
 
+# The models the fake serves: the default, and a second one whose captions start with its name.
+MODELS = [ServedModel("blip_caption", "blip_caption", "preprocess", default=True),
+          ServedModel("other", "other.blip_caption", "other.preprocess")]
+
+
 class FakeCaptioner(Captioner):
-    """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options."""
+    """Answers from the prompt: 'fail:<kind>' raises, 'crash' raises a bug, 'slow' waits, else echoes options (and,
+    for a model other than the default, its Triton ensemble first)."""
 
     def __init__(self, limits=_DEFAULT_LIMITS):
         super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
@@ -35,12 +41,16 @@ class FakeCaptioner(Captioner):
     async def ready(self):
         return True
 
-    async def describe(self):
-        return ModelDescription("blip_caption", "/checkpoint", 384, 384, "fp32", {"num_beams": 3},
+    async def models(self):
+        return MODELS
+
+    async def describe(self, name=""):
+        model = await self.model(name)
+        return ModelDescription(model.name, f"/checkpoint/{model.name}", 384, 384, "fp32", {"num_beams": 3},
                                 {"max_num_beams": 8, "max_new_tokens": 64, "max_num_return_sequences": 8,
                                  "max_no_repeat_ngram_size": 16})
 
-    async def _infer(self, job, timeout):
+    async def _infer(self, job, timeout, triton_model="blip_caption"):
         self.seen.append((job, timeout))
         if job.prompt.startswith("fail:"):
             raise FAILURES[job.prompt[5:]]
@@ -56,4 +66,5 @@ class FakeCaptioner(Captioner):
             self.cancelled = getattr(self, "cancelled", 0) + 1
             if self.cancelled <= int(job.prompt[10:]):
                 raise status_mapping.Cancelled("the server cancelled the call")
-        return [CaptionText(f"{job.prompt} {sorted(job.options.items())}", -0.5)]
+        prefix = "" if triton_model == "blip_caption" else f"{triton_model}: "
+        return [CaptionText(f"{prefix}{job.prompt} {sorted(job.options.items())}", -0.5)]

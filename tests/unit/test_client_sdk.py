@@ -20,6 +20,7 @@ EXPECTED = {
     grpc.StatusCode.DEADLINE_EXCEEDED: blip_client.DeadlineExceededError,
     grpc.StatusCode.CANCELLED: blip_client.CancelledError,
     grpc.StatusCode.UNAUTHENTICATED: blip_client.UnauthenticatedError,
+    grpc.StatusCode.NOT_FOUND: blip_client.NotFoundError,
     grpc.StatusCode.INTERNAL: blip_client.InternalError,
 }
 

@@ -117,7 +117,7 @@ def _call(address: str, method: str, request: bytes, key: str | None) -> list[by
 def _count(gateway, method: str, code: str) -> float:
     registry = gateway.gateway.metrics.registry
     return registry.get_sample_value("blip_gateway_requests_total", {"method": f"{SERVICE}/{method}",
-                                                                      "code": code}) or 0.0
+                                                                      "code": code, "model": ""}) or 0.0
 
 
 def _expected_ok(method: str, request: bytes) -> list[bytes]:
@@ -165,7 +165,7 @@ def test_every_shape_is_counted_by_method_and_code(shapes, method):
     codes = ("OK", "INVALID_ARGUMENT", "INTERNAL", "UNAUTHENTICATED")
     before = {code: _count(gateway, method, code) for code in codes}
     durations = "blip_gateway_request_duration_seconds_count"
-    labels = {"method": f"{SERVICE}/{method}"}
+    labels = {"method": f"{SERVICE}/{method}", "model": ""}
     durations_before = gateway.gateway.metrics.registry.get_sample_value(durations, labels) or 0.0
     _call(gateway.address, method, b"hi", KEY)
     for request, key in [(b"invalid", KEY), (b"bug", KEY), (b"hi", "wrong")]:

@@ -171,6 +171,31 @@ def test_model_info(served):
         "blip_caption", 384, 3, 8)
 
 
+def test_each_request_is_answered_by_the_model_it_names(served):
+    gateway, captioner = served
+    with CaptionClient(gateway.address) as client, CaptionClient(gateway.address, model="other") as bound:
+        assert [(m.name, m.is_default, m.triton_ensemble, m.source_checkpoint) for m in client.list_models()] == [
+            ("blip_caption", True, "blip_caption", "/checkpoint/blip_caption"),
+            ("other", False, "other.blip_caption", "/checkpoint/other")]
+        default, other = client.caption(IMAGE, prompt="a"), client.caption(IMAGE, prompt="a", model="other")
+        assert (default.model, default.text) == ("blip_caption", "a []")
+        assert (other.model, other.text) == ("other", "other.blip_caption: a []")
+        assert bound.caption(IMAGE, prompt="a").model == "other"  # the client's model
+        assert bound.caption(IMAGE, prompt="a", model="blip_caption").model == "blip_caption"  # the call's
+        assert {i: r.model for i, r in bound.caption_stream([IMAGE, IMAGE])} == {0: "other", 1: "other"}
+        assert client.model_info(model="other").source_checkpoint == "/checkpoint/other"
+        assert bound.model_info().model == "other"
+        with pytest.raises(client_errors.NotFoundError) as error:
+            client.caption(IMAGE, model="missing")
+        assert "missing" in error.value.message and "other" in error.value.message
+        with pytest.raises(client_errors.NotFoundError):
+            client.model_info(model="missing")
+        (_, item), = client.caption_stream([IMAGE], model="missing")
+        assert isinstance(item, client_errors.NotFoundError)
+    assert len(captioner.seen) == 6  # nothing was sent for the unknown model
+
+
+
 def test_health_follows_readiness_and_reflection_lists_the_services(served):
     gateway, _ = served
     with grpc.insecure_channel(gateway.address) as channel:
@@ -256,24 +281,31 @@ def test_metrics_count_calls_by_method_and_code_and_are_served_over_http(served)
                 client.caption(IMAGE, prompt=prompt)
         dict(client.caption_stream([IMAGE, IMAGE, b""], prompt="s"))
         client.model_info()
+        client.caption(IMAGE, prompt="ok", model="other")
+        client.list_models()
+        with pytest.raises(client_errors.NotFoundError):
+            client.caption(IMAGE, model="missing")
         with grpc.insecure_channel(gateway.address) as channel:  # health checks are not counted
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-    total = "blip_gateway_requests_total"
-    assert _sample(gateway, total, method="Caption", code="OK") == 1
+    total, default = "blip_gateway_requests_total", "blip_caption"
+    assert _sample(gateway, total, method="Caption", code="OK", model=default) == 1
+    assert _sample(gateway, total, method="Caption", code="OK", model="other") == 1
     for code in ("INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL"):
-        assert _sample(gateway, total, method="Caption", code=code) == 1
-    assert _sample(gateway, total, method="CaptionStream", code="OK") == 1
-    assert _sample(gateway, total, method="CaptionStream.item", code="OK") == 2
-    assert _sample(gateway, total, method="CaptionStream.item", code="INVALID_ARGUMENT") == 1
-    assert _sample(gateway, total, method="GetModelInfo", code="OK") == 1
-    assert _sample(gateway, "blip_gateway_request_duration_seconds_count", method="Caption") == 4
+        assert _sample(gateway, total, method="Caption", code=code, model=default) == 1
+    assert _sample(gateway, total, method="Caption", code="NOT_FOUND", model="unknown") == 1  # not the name sent
+    assert _sample(gateway, total, method="CaptionStream", code="OK", model="") == 1
+    assert _sample(gateway, total, method="CaptionStream.item", code="OK", model=default) == 2
+    assert _sample(gateway, total, method="CaptionStream.item", code="INVALID_ARGUMENT", model=default) == 1
+    assert _sample(gateway, total, method="GetModelInfo", code="OK", model=default) == 1
+    assert _sample(gateway, total, method="ListModels", code="OK", model="") == 1
+    assert _sample(gateway, "blip_gateway_request_duration_seconds_count", method="Caption", model=default) == 4
     assert _sample(gateway, "blip_gateway_in_flight_requests") == 0
     assert not [m for m in gateway.gateway.metrics.registry.collect() for s in m.samples
                 if s.labels.get("method", "").startswith("Check")]
 
     port = gateway.gateway.metrics.serve("127.0.0.1", 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'blip_gateway_requests_total{code="OK",method="Caption"} 1.0' in text
+    assert 'blip_gateway_requests_total{code="OK",method="Caption",model="blip_caption"} 1.0' in text
     assert "blip_gateway_request_duration_seconds_bucket" in text
 
 
@@ -291,7 +323,7 @@ def test_metrics_show_calls_in_flight_and_refusals(served):
     try:
         with CaptionClient(keyed.address) as anonymous, pytest.raises(client_errors.UnauthenticatedError):
             anonymous.caption(IMAGE)
-        assert _sample(keyed, "blip_gateway_requests_total", method="Caption", code="UNAUTHENTICATED") == 1
+        assert _sample(keyed, "blip_gateway_requests_total", method="Caption", code="UNAUTHENTICATED", model="") == 1
     finally:
         keyed.stop()
 
@@ -365,7 +397,8 @@ def test_the_sdk_retries_unavailable_within_its_policy(served):
     quick = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05)
     with CaptionClient(gateway.address, retry=quick) as client:
         assert client.caption(IMAGE, prompt="flaky:3").text.startswith("flaky:3")
-    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 3
+    total = "blip_gateway_requests_total"
+    assert _sample(gateway, total, method="Caption", code="UNAVAILABLE", model="blip_caption") == 3
     captioner.flaky = 0
     with (
         CaptionClient(gateway.address, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client,
@@ -375,7 +408,7 @@ def test_the_sdk_retries_unavailable_within_its_policy(served):
     captioner.flaky = 0
     with CaptionClient(gateway.address, retry=None) as client, pytest.raises(UnavailableError):
         client.caption(IMAGE, prompt="flaky:1")
-    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="UNAVAILABLE") == 6
+    assert _sample(gateway, total, method="Caption", code="UNAVAILABLE", model="blip_caption") == 6
     with pytest.raises(ValueError, match="max_attempts must be 1 to 5"):
         RetryPolicy(max_attempts=6)
 
@@ -391,7 +424,8 @@ def test_the_sdk_retries_a_call_the_server_cancelled_but_never_one_its_caller_ca
     quick = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
     with CaptionClient(gateway.address, retry=quick) as client:
         assert client.caption(IMAGE, prompt="cancelled:2").text.startswith("cancelled:2")
-    assert _sample(gateway, "blip_gateway_requests_total", method="Caption", code="CANCELLED") == 2
+    total = "blip_gateway_requests_total"
+    assert _sample(gateway, total, method="Caption", code="CANCELLED", model="blip_caption") == 2
     captioner.cancelled = 0
     with CaptionClient(gateway.address, retry=None) as client, pytest.raises(CancelledError):
         client.caption(IMAGE, prompt="cancelled:1")

@@ -7,28 +7,39 @@ only they know); INVALID_ARGUMENT names the option and its range. The gateway al
 and its own capacity.
 The caller's deadline becomes the Triton call's timeout, and a cancelled call cancels the Triton request. Calls
 go through the ReplicaPool (one replica in blip-serve, any number behind blip-gateway).
+
+A replica may serve several models (`blip_server.served_models`): the default ensemble's config lists them
+(`ensemble.CATALOG_PARAMETER`), read once from a replica and again when a request names a model not in it (at most
+every few seconds); a request naming none gets the default, one naming a model not served NOT_FOUND. A
+repository without that list (one export, served as it was exported) serves one model, named after the folder of
+its source checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import tritonclient.grpc.aio as triton_aio  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from blip_server import ensemble
-from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription
+from blip_server.gateway import tracing
+from blip_server.gateway.messages import OPTION_FIELDS, CaptionJob, CaptionResult, ModelDescription, ServedModel
 from blip_server.gateway.replicas import NoReplica, ReplicaPool
 from blip_server.gateway.status_mapping import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
     from_triton,
@@ -44,6 +55,8 @@ from blip_server.shared.image_header import ImageError, ImageLimits, read_header
 
 log = logging.getLogger("blip-serve.gateway")
 T = TypeVar("T")
+# Seconds between two reads of the served models prompted by a request for a model not among them.
+CATALOG_REFRESH = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +93,9 @@ class Captioner:
         self.in_flight = 0
         self.bytes_in_flight = 0
         self._room = asyncio.Condition()
-        self._description: ModelDescription | None = None
+        self._descriptions: dict[str, ModelDescription] = {}  # by model name
+        self._catalog: list[ServedModel] | None = None
+        self._catalog_read_at = 0.0
 
     async def close(self) -> None:
         await self.replicas.close()
@@ -108,19 +123,62 @@ class Captioner:
         except ImageError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    async def check_options(self, job: CaptionJob) -> None:
+    async def models(self) -> list[ServedModel]:
+        """The models the replicas serve, the default first (read from one replica, once)."""
+        if self._catalog is None:
+            self._catalog = await self._read_catalog()
+            self._catalog_read_at = time.monotonic()
+        return self._catalog
+
+    async def model(self, name: str) -> ServedModel:
+        """The served model called `name` (empty: the default); NotFound when none is."""
+        catalog = await self.models()
+        stale = time.monotonic() - self._catalog_read_at > CATALOG_REFRESH
+        if name and name not in {m.name for m in catalog} and stale:
+            self._catalog = None  # the replicas may serve other models now (a rollout): read them again
+            self._descriptions.clear()
+            catalog = await self.models()
+        for model in catalog:
+            if model.name == name or (not name and model.default):
+                return model
+        raise NotFound(f"no model named {name!r} is served; ListModels lists them "
+                       f"({', '.join(m.name for m in catalog)})")
+
+    async def _config(self, model: str) -> dict[str, Any]:
+        """A Triton model's config (as JSON) from a replica."""
+        try:
+            config: dict[str, Any] = await self._call(lambda client: client.get_model_config(model, as_json=True))
+        except InferenceServerException as exc:
+            raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
+        found: dict[str, Any] = config["config"]
+        return found
+
+    async def _read_catalog(self) -> list[ServedModel]:
+        params = (await self._config(ensemble.MODEL)).get("parameters", {})
+        listed = params.get(ensemble.CATALOG_PARAMETER, {}).get("string_value", "")
+        if listed:
+            return [ServedModel(m["name"], m["ensemble"], m["preprocess"], default=i == 0)
+                    for i, m in enumerate(json.loads(listed))]
+        # One export served as it was exported: named after its checkpoint's folder.
+        source = (await self._config("preprocess")).get("parameters", {}).get("source_checkpoint", {})
+        name = PurePath(source.get("string_value", "")).name or ensemble.MODEL
+        return [ServedModel(name, ensemble.MODEL, "preprocess", default=True)]
+
+    async def check_options(self, job: CaptionJob) -> GenerationOptions:
         """The options against the served defaults and limits (preprocess checks them again, with the prompt's
-        token count, which only it knows)."""
-        description = await self.describe()
+        token count, which only it knows); returns them resolved."""
+        description = await self.describe(job.model)
         limits = GenerationLimits(**{name: description.limits[name] for name in GenerationLimits.names()})
         try:
             resolved = GenerationOptions(**description.defaults).with_values(**job.options)
             resolved.validate(limits, prompt_tokens=1, max_positions=1 << 30)
         except OptionError as exc:
             raise InvalidArgument(str(exc)) from None
+        return resolved
 
     async def caption(self, job: CaptionJob, timeout: float | None) -> CaptionResult:
         self.check(job)
+        model = await self.model(job.model)
         if self.in_flight >= self.limits.max_concurrent_requests:
             raise ResourceExhausted(
                 f"the server is at capacity ({self.limits.max_concurrent_requests} images in flight); retry later"
@@ -129,12 +187,15 @@ class Captioner:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
         self.in_flight += 1
         try:
-            await self.check_options(job)
+            if (await self.check_options(job)).do_sample and job.options.get("seed") is None:
+                # An unseeded sample is one with a random seed: drawn here, so that Triton's response cache, keyed
+                # by the inputs, never answers it with an earlier sample (docs/architecture.md, "Response cache").
+                job = replace(job, options={**job.options, "seed": secrets.randbits(63)})
             async with self._bytes_in_flight(len(job.image), timeout):
-                captions = await self._infer(job, timeout)
+                captions = await self._infer(job, timeout, model.ensemble)
         finally:
             self.in_flight -= 1
-        return CaptionResult(captions, job.request_id, ensemble.MODEL)
+        return CaptionResult(captions, job.request_id, model.name)
 
     @contextlib.asynccontextmanager
     async def _bytes_in_flight(self, size: int, timeout: float | None) -> AsyncIterator[None]:
@@ -154,7 +215,8 @@ class Captioner:
                 self.bytes_in_flight -= size
                 self._room.notify_all()
 
-    async def _infer(self, job: CaptionJob, timeout: float | None) -> list[ensemble.CaptionText]:
+    async def _infer(self, job: CaptionJob, timeout: float | None,
+                     triton_model: str = ensemble.MODEL) -> list[ensemble.CaptionText]:
         # The deadline travels twice: as the Triton call's own timeout, and as a request parameter the decoder
         # checks while it decodes (Triton cancels an ensemble only between its steps).
         deadline = time.time() + timeout if timeout is not None else None
@@ -163,8 +225,9 @@ class Captioner:
 
         async def infer(client: triton_aio.InferenceServerClient) -> Any:  # on a retry, only the time left remains
             left = None if deadline is None else max(0.001, deadline - time.time())
-            return await client.infer(ensemble.MODEL, inputs, outputs=ensemble.outputs(triton_aio),
-                                      client_timeout=left, parameters=parameters)
+            with tracing.triton_call(triton_model) as headers:  # a span and its traceparent, when tracing is on
+                return await client.infer(triton_model, inputs, outputs=ensemble.outputs(triton_aio),
+                                          client_timeout=left, parameters=parameters, headers=headers)
 
         try:
             result = await self._call(infer)
@@ -176,20 +239,19 @@ class Captioner:
             raise error from exc
         return ensemble.captions(result)[0]
 
-    async def describe(self) -> ModelDescription:
-        """What is served, read from a replica: the preprocess model's parameters (defaults, limits, and what the
-        export recorded there: source checkpoint, precision, image size)."""
-        if self._description is None:
-            try:
-                config = await self._call(lambda client: client.get_model_config("preprocess", as_json=True))
-            except InferenceServerException as exc:
-                raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
-            params = {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
+    async def describe(self, name: str = "") -> ModelDescription:
+        """What is served as model `name` (empty: the default; NotFound if none is), read from a replica: its
+        preprocess model's parameters (defaults, limits, and what the export recorded there: source checkpoint,
+        precision, image size)."""
+        model = await self.model(name)
+        if model.name not in self._descriptions:
+            config = await self._config(model.preprocess)
+            params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
             # What preprocess resolves unset options to and the limits it enforces, read as it reads them.
             defaults = from_parameters(GenerationOptions, params, "default_")
             limits = from_parameters(GenerationLimits, params, "limit_")
-            self._description = ModelDescription(
-                model=ensemble.MODEL,
+            self._descriptions[model.name] = ModelDescription(
+                model=model.name,
                 source_checkpoint=params.get("source_checkpoint", ""),
                 image_height=int(params.get("image_height") or 0),
                 image_width=int(params.get("image_width") or 0),
@@ -207,4 +269,4 @@ class Captioner:
                     "max_concurrent_requests": self.limits.max_concurrent_requests,
                 },
             )
-        return self._description
+        return self._descriptions[model.name]

@@ -17,6 +17,7 @@ from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.metrics import STREAM_ITEM, GatewayMetrics
 from blip_server.gateway.servicer import CaptionServicer, method_handlers
 from blip_server.gateway.status_mapping import ErrorInterceptor
+from blip_server.gateway.tracing import Tracing
 from blip_server.memory import trim
 
 log = logging.getLogger("blip-serve.gateway")
@@ -38,6 +39,7 @@ class Gateway:
         self.health = health_servicer
         self.captioner = captioner
         self.metrics = metrics
+        self.tracing: Tracing | None = None  # OpenTelemetry's, when on: flushed at the end of stop()
         self.metrics_port: int | None = None  # where the metrics are served over HTTP, if they are
         self._serving: bool | None = None
         self._trimming = asyncio.create_task(self._return_free_memory())
@@ -72,6 +74,8 @@ class Gateway:
         await self.server.stop(grace)
         await self.captioner.close()
         self.metrics.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
 
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None) -> grpc.ServerCredentials | None:
@@ -114,20 +118,23 @@ def connection_age_options(max_age: float, grace: float) -> list[tuple[str, int]
 async def create_server(address: str, captioner: Captioner, api_keys: Sequence[str] = (),
                         metrics: GatewayMetrics | None = None,
                         credentials: grpc.ServerCredentials | None = None,
-                        max_connection_age: float = 0.0, max_connection_age_grace: float = 0.0) -> Gateway:
+                        max_connection_age: float = 0.0, max_connection_age_grace: float = 0.0,
+                        tracing: Tracing | None = None) -> Gateway:
     """A started gateway bound to `address` ("127.0.0.1:0" picks a free port); health starts NOT_SERVING.
 
     Metrics are recorded in `metrics` (a new registry if None); serving them over HTTP is the caller's choice.
     With `credentials` the port serves TLS only (health and reflection included). Client connections live
     `max_connection_age` seconds, then their calls in flight get `max_connection_age_grace` more
-    (`connection_age_options`; 0: no limit).
+    (`connection_age_options`; 0: no limit). With `tracing` (`tracing.start_tracing`) each API call gets a span.
     """
     limits = captioner.limits
     age_options = connection_age_options(max_connection_age, max_connection_age_grace)
     metrics = metrics or GatewayMetrics()
     metrics.count_in_flight(lambda: captioner.in_flight)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics.observe), ApiKeyInterceptor(list(api_keys))],
+        # Tracing's first: its server span covers the API-key check and the status mapping, and carries the status.
+        interceptors=[*([tracing.interceptor] if tracing else []), ErrorInterceptor(metrics.observe),
+                      ApiKeyInterceptor(list(api_keys))],
         options=[
             # A margin above the image limit: a stream item over the limit but under this is answered with its own
             # RESOURCE_EXHAUSTED and the stream goes on; only a truly huge message ends its call.
@@ -136,7 +143,8 @@ async def create_server(address: str, captioner: Captioner, api_keys: Sequence[s
             *age_options,
         ],
     )
-    servicer = CaptionServicer(captioner, lambda code, seconds: metrics.observe(STREAM_ITEM, code, seconds))
+    servicer = CaptionServicer(captioner,
+                               lambda code, seconds, model: metrics.observe(STREAM_ITEM, code, seconds, model))
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -148,6 +156,7 @@ async def create_server(address: str, captioner: Captioner, api_keys: Sequence[s
         raise OSError(f"cannot listen on {address}")
     await server.start()
     gateway = Gateway(server, port, health_servicer, captioner, metrics)
+    gateway.tracing = tracing
     await health_servicer.set(LIVENESS, SERVING)
     await gateway.set_serving(False)
     return gateway

@@ -66,7 +66,7 @@ def _why_unparsable(data: bytes) -> tuple[str, str]:
     except DecodeError:
         return "", f"the request ({len(data)} bytes) is not a valid blip.caption.v1.CaptionRequest message"
     request_id = lenient.request_id.decode("utf-8", errors="replace")
-    for name in ("prompt", "request_id"):
+    for name in ("prompt", "request_id", "model"):
         try:
             getattr(lenient, name).decode("utf-8")
         except UnicodeDecodeError:
@@ -80,10 +80,12 @@ class CaptionJob:
     prompt: str
     options: dict[str, OptionValue]
     request_id: str
+    model: str = ""  # the model's name; empty: the default
 
     @classmethod
     def from_pb(cls, message: caption_pb2.CaptionRequest) -> CaptionJob:
-        return cls(message.image, message.prompt, options_from_pb(message.options), message.request_id)
+        return cls(message.image, message.prompt, options_from_pb(message.options), message.request_id,
+                   message.model)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CaptionJob:
@@ -115,6 +117,16 @@ class CaptionResult:
             request_id=self.request_id,
             model=self.model,
         )
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model a replica serves: its name for callers and the Triton models behind it."""
+
+    name: str
+    ensemble: str  # the Triton ensemble captions are asked of
+    preprocess: str  # the Triton model whose config says what is served (defaults, limits, source, precision)
+    default: bool = False  # answers requests that name no model
 
 
 @dataclass(frozen=True)

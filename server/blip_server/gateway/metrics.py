@@ -1,11 +1,13 @@
 """The gateway's Prometheus metrics (Triton's own stay on Triton's metrics port).
 
-- `blip_gateway_requests_total{method,code}`: finished calls by RPC and gRPC status code, whatever the method's
+- `blip_gateway_requests_total{method,code,model}`: finished calls by RPC and gRPC status code, whatever the method's
   shape (recorded by the status interceptor, `status_mapping.ErrorInterceptor`, as each call's status is decided): a
   CaptionService method by its name (`Caption`), a method of any other service by its full name
   (`package.Service/Method`), health checks and reflection not at all; each item of a CaptionStream also counts,
-  as method `CaptionStream.item`;
-- `blip_gateway_request_duration_seconds{method}`: histogram of their durations;
+  as method `CaptionStream.item`; `model` is the served model's name a call named (the default's when it named
+  none), `unknown` for a name not served or a request that could not be read, empty for calls not for one model
+  (`ListModels`, a `CaptionStream` as a whole, a call refused before it was read): bounded by the models served;
+- `blip_gateway_request_duration_seconds{method,model}`: histogram of their durations;
 - `blip_gateway_in_flight_requests`: images being captioned now;
 - `blip_gateway_triton_replica_up{endpoint}`: 1 while a Triton replica answers ready, else 0.
 
@@ -29,18 +31,18 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("blip_gateway_requests", "Finished calls by method and gRPC status code.",
-                                ["method", "code"], registry=self.registry)
+                                ["method", "code", "model"], registry=self.registry)
         self.duration = Histogram("blip_gateway_request_duration_seconds", "Duration of finished calls.",
-                                  ["method"], buckets=DURATION_BUCKETS, registry=self.registry)
+                                  ["method", "model"], buckets=DURATION_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("blip_gateway_in_flight_requests", "Images being captioned now.",
                                registry=self.registry)
         self.replica_up = Gauge("blip_gateway_triton_replica_up", "1 while the Triton replica answers ready.",
                                 ["endpoint"], registry=self.registry)
         self._server: WSGIServer | None = None
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.duration.labels(method).observe(seconds)
+    def observe(self, method: str, code: str, seconds: float, model: str = "") -> None:
+        self.requests.labels(method, code, model).inc()
+        self.duration.labels(method, model).observe(seconds)
 
     def count_in_flight(self, read: Callable[[], float]) -> None:
         self.in_flight.set_function(read)

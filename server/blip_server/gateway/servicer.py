@@ -11,31 +11,68 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway.captioner import Captioner
 from blip_server.gateway.messages import CaptionJob, UnparsableRequest
-from blip_server.gateway.status_mapping import ServiceError, unexpected
+from blip_server.gateway.status_mapping import (
+    UNKNOWN_MODEL,
+    InvalidArgument,
+    ServiceError,
+    label_call_model,
+    unexpected,
+)
 
 
 class CaptionServicer:
     """Not a caption_pb2_grpc.CaptionServiceServicer: its methods take requests as bytes (see `method_handlers`),
     not the parsed messages of the generated interface."""
 
-    def __init__(self, captioner: Captioner, observe_item: Callable[[str, float], None] = lambda code, seconds: None):
+    def __init__(self, captioner: Captioner,
+                 observe_item: Callable[[str, float, str], None] = lambda code, seconds, model: None):
         self.captioner = captioner
-        self._observe_item = observe_item  # each CaptionStream item's status code and duration (the metrics)
+        self._observe_item = observe_item  # each CaptionStream item's status code, duration and model (the metrics)
+
+    async def _model_name(self, name: str) -> str:
+        """The served name of the model a request named (raises NotFound), for the metrics' model label."""
+        label_call_model(UNKNOWN_MODEL)
+        served = (await self.captioner.model(name)).name
+        label_call_model(served)
+        return served
 
     async def Caption(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, caption_pb2.CaptionResponse]
     ) -> caption_pb2.CaptionResponse:
+        label_call_model(UNKNOWN_MODEL)
         job = CaptionJob.from_bytes(request)
+        await self._model_name(job.model)
         result = await self.captioner.caption(job, context.time_remaining())
         return result.to_pb()
 
     async def GetModelInfo(self, request: bytes,
                            context: grpc.aio.ServicerContext[bytes, caption_pb2.ModelInfo]) -> caption_pb2.ModelInfo:
-        return (await self.captioner.describe()).to_pb()
+        label_call_model(UNKNOWN_MODEL)
+        try:
+            name = caption_pb2.GetModelInfoRequest.FromString(request).model
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid blip.caption.v1.GetModelInfoRequest message") from None
+        return (await self.captioner.describe(await self._model_name(name))).to_pb()
+
+    async def ListModels(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, caption_pb2.ListModelsResponse]
+    ) -> caption_pb2.ListModelsResponse:
+        try:
+            caption_pb2.ListModelsRequest.FromString(request)
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid blip.caption.v1.ListModelsRequest message") from None
+        summaries = []
+        for model in await self.captioner.models():
+            description = await self.captioner.describe(model.name)
+            summaries.append(caption_pb2.ModelSummary(
+                name=model.name, source_checkpoint=description.source_checkpoint, precision=description.precision,
+                is_default=model.default, triton_ensemble=model.ensemble))
+        return caption_pb2.ListModelsResponse(models=summaries)
 
     async def CaptionStream(
         self,
@@ -48,10 +85,11 @@ class CaptionServicer:
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: bytes) -> None:
-            started, code, request_id = time.perf_counter(), "OK", ""
+            started, code, request_id, model = time.perf_counter(), "OK", "", UNKNOWN_MODEL
             try:
                 job = CaptionJob.from_bytes(request)
                 request_id = job.request_id
+                model = (await self.captioner.model(job.model)).name
                 result = await self.captioner.caption(job, context.time_remaining())
                 response = caption_pb2.CaptionStreamResponse(request_id=request_id, response=result.to_pb())
             except ServiceError as exc:
@@ -62,7 +100,7 @@ class CaptionServicer:
                 error = unexpected(exc)
                 code = error.code.name
                 response = caption_pb2.CaptionStreamResponse(request_id=request_id, error=error.to_pb())
-            self._observe_item(code, time.perf_counter() - started)
+            self._observe_item(code, time.perf_counter() - started, model)
             await answers.put(response)
 
         async def read() -> None:
@@ -104,5 +142,6 @@ def method_handlers(servicer: CaptionServicer) -> grpc.GenericRpcHandler:
             "CaptionStream": grpc.stream_stream_rpc_method_handler(servicer.CaptionStream,
                                                                    response_serializer=serialize),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(servicer.GetModelInfo, response_serializer=serialize),
+            "ListModels": grpc.unary_unary_rpc_method_handler(servicer.ListModels, response_serializer=serialize),
         },
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -32,7 +34,17 @@ log = logging.getLogger("blip-serve.gateway")
 _TRequest = TypeVar("_TRequest")
 _TResponse = TypeVar("_TResponse")
 _In = TypeVar("_In")
-Observe = Callable[[str, str, float], None]  # (method, status code name, seconds)
+Observe = Callable[[str, str, float, str], None]  # (method, status code name, seconds, model)
+# The model a call is for, as its metrics label it: set by the servicer once it knows (`label_call_model`).
+_CALL_MODEL: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("blip_call_model", default=None)
+UNKNOWN_MODEL = "unknown"  # the label of a call whose model is not served, or could not be read
+
+
+def label_call_model(name: str) -> None:
+    """Name the model the current call is for, in its metrics (a served name, or UNKNOWN_MODEL: bounded)."""
+    holder = _CALL_MODEL.get()
+    if holder is not None:
+        holder[0] = name
 
 
 class ServiceError(Exception):
@@ -72,6 +84,12 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class NotFound(ServiceError):
+    """A model the server does not serve."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 SERVICE = caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
 
@@ -83,7 +101,8 @@ _FROM_TRITON = {
     "StatusCode.CANCELLED": Cancelled,
     "StatusCode.RESOURCE_EXHAUSTED": ResourceExhausted,
 }
-_ENSEMBLE_PREFIX = "in ensemble 'blip_caption', "
+# Triton's prefix to the errors of an ensemble's models ("in ensemble 'blip_caption', ..."), any ensemble's.
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
 def stub_died(exc: InferenceServerException) -> bool:
@@ -112,12 +131,10 @@ def triton_unavailable(exc: InferenceServerException) -> bool:
 
 def from_triton(exc: InferenceServerException) -> ServiceError:
     if triton_unavailable(exc):
-        message = str(exc.message() or "").removeprefix(_ENSEMBLE_PREFIX)
+        message = _ENSEMBLE_PREFIX.sub("", str(exc.message() or ""), count=1)
         return Unavailable(f"the inference server is unavailable ({message})")
     kind = _FROM_TRITON.get(str(exc.status()))
-    message = str(exc.message() or "")
-    if message.startswith(_ENSEMBLE_PREFIX):
-        message = message[len(_ENSEMBLE_PREFIX):]
+    message = _ENSEMBLE_PREFIX.sub("", str(exc.message() or ""), count=1)
     if kind is None:
         log.error("Triton failed a request: %s %s", exc.status(), message)
         return ServiceError(INTERNAL_MESSAGE)
@@ -131,11 +148,12 @@ def unexpected(exc: BaseException) -> ServiceError:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ServiceError into its status and anything else into INTERNAL, for methods of every shape, and reports
-    each finished call's method, status code and duration to `observe` (the metrics; health checks and reflection
-    are not reported). A method of CaptionService is reported by its name (`Caption`), any other by its full name
-    without the leading slash (`package.Service/Method`)."""
+    each finished call's method, status code, duration and model to `observe` (the metrics; health checks and
+    reflection are not reported; the model is what the servicer labelled, `label_call_model`, else ""). A method
+    of CaptionService is reported by its name (`Caption`), any other by its full name without the leading slash
+    (`package.Service/Method`)."""
 
-    def __init__(self, observe: Observe = lambda method, code, seconds: None):
+    def __init__(self, observe: Observe = lambda method, code, seconds, model: None):
         self._observe = observe
 
     async def intercept_service(
@@ -178,9 +196,11 @@ class _StatusMapping:
     async def _boundary(self, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> AsyncIterator[None]:
         """Around one call's behaviour: its outcome observed, a failure turned into its status."""
         started = time.perf_counter()
+        model = [""]  # the servicer names the call's model here (`label_call_model`)
+        _CALL_MODEL.set(model)  # the call's own task: seen by the behaviour, which runs in it
 
         def observe(code: str) -> None:
-            self._observe(self._method, code, time.perf_counter() - started)
+            self._observe(self._method, code, time.perf_counter() - started, model[0])
 
         try:
             yield

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62lip/caption/v1/caption.proto\x12\x0f\x62lip.caption.v1\"x\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".blip.caption.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xa1\x04\n\x11GenerationOptions\x12\x16\n\tnum_beams\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05top_k\x18\n \x01(\x05H\t\x88\x01\x01\x12\x12\n\x05top_p\x18\x0b \x01(\x02H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x0b\x88\x01\x01\x42\x0c\n\n_num_beamsB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x11\n\x0f_length_penaltyB\x15\n\x13_repetition_penaltyB\x17\n\x15_num_return_sequencesB\x17\n\x15_no_repeat_ngram_sizeB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"&\n\x07\x43\x61ption\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"`\n\x0f\x43\x61ptionResponse\x12*\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x18.blip.caption.v1.Caption\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x01\n\x15\x43\x61ptionStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .blip.caption.v1.CaptionResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.blip.caption.v1.ErrorH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\x9c\x02\n\x06Limits\x12\x17\n\x0fmax_image_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rmax_num_beams\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12 \n\x18max_num_return_sequences\x18\x06 \x01(\x05\x12 \n\x18max_no_repeat_ngram_size\x18\x07 \x01(\x05\x12\x1f\n\x17max_concurrent_requests\x18\x08 \x01(\x05\x12\x16\n\x0emax_image_side\x18\t \x01(\x05\x12\x18\n\x10max_prompt_bytes\x18\n \x01(\x05\"\xea\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11source_checkpoint\x18\x02 \x01(\t\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12\x13\n\x0bimage_width\x18\x04 \x01(\x05\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x05 \x01(\x0b\x32\".blip.caption.v1.GenerationOptions\x12\'\n\x06limits\x18\x06 \x01(\x0b\x32\x17.blip.caption.v1.Limits\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x16\n\x0e\x65\x61rly_stopping\x18\x08 \x01(\t2\x8e\x02\n\x0e\x43\x61ptionService\x12L\n\x07\x43\x61ption\x12\x1f.blip.caption.v1.CaptionRequest\x1a .blip.caption.v1.CaptionResponse\x12\\\n\rCaptionStream\x12\x1f.blip.caption.v1.CaptionRequest\x1a&.blip.caption.v1.CaptionStreamResponse(\x01\x30\x01\x12P\n\x0cGetModelInfo\x12$.blip.caption.v1.GetModelInfoRequest\x1a\x1a.blip.caption.v1.ModelInfoBX\n\x1a\x63om.blipcaption.caption.v1P\x01Z8github.com/blip-caption/protos/blip/caption/v1;captionv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62lip/caption/v1/caption.proto\x12\x0f\x62lip.caption.v1\"\x87\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".blip.caption.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xa1\x04\n\x11GenerationOptions\x12\x16\n\tnum_beams\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05top_k\x18\n \x01(\x05H\t\x88\x01\x01\x12\x12\n\x05top_p\x18\x0b \x01(\x02H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x0b\x88\x01\x01\x42\x0c\n\n_num_beamsB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x11\n\x0f_length_penaltyB\x15\n\x13_repetition_penaltyB\x17\n\x15_num_return_sequencesB\x17\n\x15_no_repeat_ngram_sizeB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"&\n\x07\x43\x61ption\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"`\n\x0f\x43\x61ptionResponse\x12*\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x18.blip.caption.v1.Caption\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x01\n\x15\x43\x61ptionStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .blip.caption.v1.CaptionResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.blip.caption.v1.ErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"w\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11source_checkpoint\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x17\n\x0ftriton_ensemble\x18\x05 \x01(\t\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.blip.caption.v1.ModelSummary\"\x9c\x02\n\x06Limits\x12\x17\n\x0fmax_image_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rmax_num_beams\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12 \n\x18max_num_return_sequences\x18\x06 \x01(\x05\x12 \n\x18max_no_repeat_ngram_size\x18\x07 \x01(\x05\x12\x1f\n\x17max_concurrent_requests\x18\x08 \x01(\x05\x12\x16\n\x0emax_image_side\x18\t \x01(\x05\x12\x18\n\x10max_prompt_bytes\x18\n \x01(\x05\"\xea\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11source_checkpoint\x18\x02 \x01(\t\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12\x13\n\x0bimage_width\x18\x04 \x01(\x05\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x05 \x01(\x0b\x32\".blip.caption.v1.GenerationOptions\x12\'\n\x06limits\x18\x06 \x01(\x0b\x32\x17.blip.caption.v1.Limits\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x16\n\x0e\x65\x61rly_stopping\x18\x08 \x01(\t2\xe5\x02\n\x0e\x43\x61ptionService\x12L\n\x07\x43\x61ption\x12\x1f.blip.caption.v1.CaptionRequest\x1a .blip.caption.v1.CaptionResponse\x12\\\n\rCaptionStream\x12\x1f.blip.caption.v1.CaptionRequest\x1a&.blip.caption.v1.CaptionStreamResponse(\x01\x30\x01\x12P\n\x0cGetModelInfo\x12$.blip.caption.v1.GetModelInfoRequest\x1a\x1a.blip.caption.v1.ModelInfo\x12U\n\nListModels\x12\".blip.caption.v1.ListModelsRequest\x1a#.blip.caption.v1.ListModelsResponseBX\n\x1a\x63om.blipcaption.caption.v1P\x01Z8github.com/blip-caption/protos/blip/caption/v1;captionv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,24 +32,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blip.caption.v1.caption_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\032com.blipcaption.caption.v1P\001Z8github.com/blip-caption/protos/blip/caption/v1;captionv1'
-  _globals['_CAPTIONREQUEST']._serialized_start=50
-  _globals['_CAPTIONREQUEST']._serialized_end=170
-  _globals['_GENERATIONOPTIONS']._serialized_start=173
-  _globals['_GENERATIONOPTIONS']._serialized_end=718
-  _globals['_CAPTION']._serialized_start=720
-  _globals['_CAPTION']._serialized_end=758
-  _globals['_CAPTIONRESPONSE']._serialized_start=760
-  _globals['_CAPTIONRESPONSE']._serialized_end=856
-  _globals['_ERROR']._serialized_start=858
-  _globals['_ERROR']._serialized_end=915
-  _globals['_CAPTIONSTREAMRESPONSE']._serialized_start=918
-  _globals['_CAPTIONSTREAMRESPONSE']._serialized_end=1066
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1068
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1089
-  _globals['_LIMITS']._serialized_start=1092
-  _globals['_LIMITS']._serialized_end=1376
-  _globals['_MODELINFO']._serialized_start=1379
-  _globals['_MODELINFO']._serialized_end=1613
-  _globals['_CAPTIONSERVICE']._serialized_start=1616
-  _globals['_CAPTIONSERVICE']._serialized_end=1886
+  _globals['_CAPTIONREQUEST']._serialized_start=51
+  _globals['_CAPTIONREQUEST']._serialized_end=186
+  _globals['_GENERATIONOPTIONS']._serialized_start=189
+  _globals['_GENERATIONOPTIONS']._serialized_end=734
+  _globals['_CAPTION']._serialized_start=736
+  _globals['_CAPTION']._serialized_end=774
+  _globals['_CAPTIONRESPONSE']._serialized_start=776
+  _globals['_CAPTIONRESPONSE']._serialized_end=872
+  _globals['_ERROR']._serialized_start=874
+  _globals['_ERROR']._serialized_end=931
+  _globals['_CAPTIONSTREAMRESPONSE']._serialized_start=934
+  _globals['_CAPTIONSTREAMRESPONSE']._serialized_end=1082
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1084
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1120
+  _globals['_LISTMODELSREQUEST']._serialized_start=1122
+  _globals['_LISTMODELSREQUEST']._serialized_end=1141
+  _globals['_MODELSUMMARY']._serialized_start=1143
+  _globals['_MODELSUMMARY']._serialized_end=1262
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1264
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1331
+  _globals['_LIMITS']._serialized_start=1334
+  _globals['_LIMITS']._serialized_end=1618
+  _globals['_MODELINFO']._serialized_start=1621
+  _globals['_MODELINFO']._serialized_end=1855
+  _globals['_CAPTIONSERVICE']._serialized_start=1858
+  _globals['_CAPTIONSERVICE']._serialized_end=2215
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,11 @@ for the served checkpoint, the same options and the same image.
 
 Errors are gRPC status codes: INVALID_ARGUMENT (bad image, bad option), RESOURCE_EXHAUSTED (over a size
 limit, or the server is at capacity), UNAVAILABLE (the inference server is down or restarting),
-DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED (when the server requires an API key) and INTERNAL.
+DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED (when the server requires an API key), NOT_FOUND (a model the
+server does not serve) and INTERNAL.
+
+A server may serve several models (checkpoints) side by side: ListModels names them, and a request picks one
+by its name; a request that names none gets the default, the first listed.
 
 A breaking change goes into a new package (blip.caption.v2) beside this one.
 """
@@ -39,6 +43,7 @@ class CaptionRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """The encoded image file: JPEG, PNG, WebP, GIF, BMP or TIFF. EXIF orientation is honoured."""
     prompt: _builtins.str
@@ -46,6 +51,10 @@ class CaptionRequest(_message.Message):
     request_id: _builtins.str
     """Chosen by the caller to match stream responses to requests; echoed in the response. Optional in unary
     calls.
+    """
+    model: _builtins.str
+    """The model to caption with, by its name in ListModels; empty: the default (the first listed). A name the
+    server does not serve is answered with NOT_FOUND.
     """
     @_builtins.property
     def options(self) -> Global___GenerationOptions:
@@ -58,10 +67,11 @@ class CaptionRequest(_message.Message):
         prompt: _builtins.str = ...,
         options: Global___GenerationOptions | None = ...,
         request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "options", b"options", "prompt", b"prompt", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,7 +237,7 @@ class CaptionResponse(_message.Message):
     request_id: _builtins.str
     """The request's request_id."""
     model: _builtins.str
-    """Name of the served model."""
+    """Name of the model that wrote the captions (as ListModels names it)."""
     @_builtins.property
     def captions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Caption]:
         """num_return_sequences captions, best first."""
@@ -319,6 +329,28 @@ class GetModelInfoRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model to describe, by its name in ListModels; empty: the default. NOT_FOUND for a name not served."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    """Asks which models are served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
     def __init__(
         self,
     ) -> None: ...
@@ -328,7 +360,69 @@ class GetModelInfoRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ModelSummary(_message.Message):
+    """One served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    TRITON_ENSEMBLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name: what CaptionRequest.model and GetModelInfoRequest.model take."""
+    source_checkpoint: _builtins.str
+    """The checkpoint it was exported from (a path or hub id, as its export recorded it)."""
+    precision: _builtins.str
+    """Numeric precision: "fp32" (captions equal transformers'), "int8" or "fp16"."""
+    is_default: _builtins.bool
+    """Whether it answers requests that name no model."""
+    triton_ensemble: _builtins.str
+    """The Triton ensemble that serves it, for Triton-native clients (tritonclient)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source_checkpoint: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        is_default: _builtins.bool = ...,
+        triton_ensemble: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_default", b"is_default", "name", b"name", "precision", b"precision", "source_checkpoint", b"source_checkpoint", "triton_ensemble", b"triton_ensemble"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSummary: _TypeAlias = ModelSummary  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """The models served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSummary]:
+        """Every model served, the default first."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
@@ -403,7 +497,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Name of the served model (the Triton ensemble)."""
+    """Name of the model (as ListModels names it)."""
     source_checkpoint: _builtins.str
     """The checkpoint it was exported from."""
     image_height: _builtins.int

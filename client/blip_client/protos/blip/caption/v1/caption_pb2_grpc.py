@@ -50,6 +50,11 @@ class CaptionServiceStub:
                 request_serializer=blip_dot_caption_dot_v1_dot_caption__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=blip_dot_caption_dot_v1_dot_caption__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/blip.caption.v1.CaptionService/ListModels',
+                request_serializer=blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class CaptionServiceServicer:
@@ -78,6 +83,13 @@ class CaptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models served: their names, source checkpoints and precisions, the default first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_CaptionServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=blip_dot_caption_dot_v1_dot_caption__pb2.GetModelInfoRequest.FromString,
                     response_serializer=blip_dot_caption_dot_v1_dot_caption__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsRequest.FromString,
+                    response_serializer=blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class CaptionService:
             '/blip.caption.v1.CaptionService/GetModelInfo',
             blip_dot_caption_dot_v1_dot_caption__pb2.GetModelInfoRequest.SerializeToString,
             blip_dot_caption_dot_v1_dot_caption__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blip.caption.v1.CaptionService/ListModels',
+            blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsRequest.SerializeToString,
+            blip_dot_caption_dot_v1_dot_caption__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,11 @@ for the served checkpoint, the same options and the same image.
 
 Errors are gRPC status codes: INVALID_ARGUMENT (bad image, bad option), RESOURCE_EXHAUSTED (over a size
 limit, or the server is at capacity), UNAVAILABLE (the inference server is down or restarting),
-DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED (when the server requires an API key) and INTERNAL.
+DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED (when the server requires an API key), NOT_FOUND (a model the
+server does not serve) and INTERNAL.
+
+A server may serve several models (checkpoints) side by side: ListModels names them, and a request picks one
+by its name; a request that names none gets the default, the first listed.
 
 A breaking change goes into a new package (blip.caption.v2) beside this one.
 """
@@ -52,6 +56,8 @@ class CaptionServiceStub:
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_caption_pb2.GetModelInfoRequest, _caption_pb2.ModelInfo]
     """What is served: model, source checkpoint, image size, option defaults and limits."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_caption_pb2.ListModelsRequest, _caption_pb2.ListModelsResponse]
+    """The models served: their names, source checkpoints and precisions, the default first."""
 
 @_typing.type_check_only
 class CaptionServiceAsyncStub(CaptionServiceStub):
@@ -66,6 +72,8 @@ class CaptionServiceAsyncStub(CaptionServiceStub):
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_caption_pb2.GetModelInfoRequest, _caption_pb2.ModelInfo]  # type: ignore[assignment]
     """What is served: model, source checkpoint, image size, option defaults and limits."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_caption_pb2.ListModelsRequest, _caption_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The models served: their names, source checkpoints and precisions, the default first."""
 
 class CaptionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Captions images."""
@@ -95,5 +103,13 @@ class CaptionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_caption_pb2.ModelInfo, _abc.Awaitable[_caption_pb2.ModelInfo]]:
         """What is served: model, source checkpoint, image size, option defaults and limits."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _caption_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_caption_pb2.ListModelsResponse, _abc.Awaitable[_caption_pb2.ListModelsResponse]]:
+        """The models served: their names, source checkpoints and precisions, the default first."""
 
 def add_CaptionServiceServicer_to_server(servicer: CaptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
