@@ -121,8 +121,11 @@ class GatewayConfig(GatewayOptions):
 class ServeConfig(GatewayOptions):
     """`blip-serve`: one gateway and one supervised embedded Triton."""
 
-    model: Path | None = option(None, "HF checkpoint directory or exported model repository; unset: the demo "
-                                      "checkpoint")
+    model: tuple[str, ...] = option((), "a model to serve: NAME=PATH, or PATH (named after its folder), where PATH "
+                                        "is an HF checkpoint directory or an exported model repository; repeat to "
+                                        "serve several side by side, the first being the default (env: "
+                                        "comma-separated); unset: the demo checkpoint, named blip-demo",
+                                   action="append")
     precision: str = option("", "precision to export a checkpoint at: fp32 (exact; the default), int8 (faster "
                                 "on CPUs), fp16 (GPUs; needs --device cuda). For an exported repository: must "
                                 "be what it was exported with, if given", choices=PRECISIONS)
@@ -141,6 +144,10 @@ class ServeConfig(GatewayOptions):
     startup_timeout: float = option(300.0, "seconds to wait for Triton to load the models")
     triton_log: Path | None = option(None, "file Triton's log is appended to (default: its temporary work "
                                            "directory, removed on exit)")
+    response_cache_mb: float = option(64.0, "MiB of Triton's response cache: a deterministic request (beam search, "
+                                            "greedy, or sampling with a seed) whose image, prompt and options "
+                                            "equal an earlier one's is answered from it without running a model "
+                                            "(fractions allowed); 0: no cache")
 
 
 def from_env(cls: type[_Options], environ: Mapping[str, str] | None = None) -> _Options:

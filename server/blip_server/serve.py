@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from blip_server.gateway.main import start_gateway
 from blip_server.memory import bound_heap
 from blip_server.model_store import demo_checkpoint, export_in_child, resolve_repository
 from blip_server.repository import read_manifest
+from blip_server.served_models import combine, parse_model_arguments
 from blip_server.supervisor import TritonSupervisor
 from blip_server.triton import TritonOptions, connect_host
+from blip_server.triton_command import response_cache_flags
 
 log = logging.getLogger("blip-serve")
 
@@ -39,14 +42,19 @@ async def _reach(captioner: Captioner, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
-async def serve(config: ServeConfig, repository: Path) -> int:
+def describe(name: str, asked: Path | None, repository: Path) -> str:
+    """A served model for the ready line: what was asked for (a cached export is shared by every checkpoint with
+    the same content, so its manifest may name another copy's path), how it was exported, and where."""
     manifest = read_manifest(repository)
-    # What was asked for: a cached export is shared by every checkpoint with the same content, so its manifest
-    # may name another copy's path.
-    served = (f"{config.model or demo_checkpoint()} ({manifest.get('precision', 'fp32')}, "
-              f"{manifest.get('image_processor', 'pil')} image processor, {repository})")
+    return (f"{name} = {asked or demo_checkpoint()} ({manifest.get('precision', 'fp32')}, "
+            f"{manifest.get('image_processor', 'pil')} image processor, {repository})")
+
+
+async def serve(config: ServeConfig, repository: Path, served: str = "") -> int:
+    """Serve `repository` (one model repository, every served model in it); `served` describes them."""
+    served = served or str(repository)
     endpoint = f"{connect_host(config.triton_host)}:{config.triton_grpc_port}"
-    gateway = await start_gateway(config, (endpoint,))
+    gateway = await start_gateway(config, (endpoint,), service="blip-serve")
     captioner = gateway.captioner
     health = asyncio.create_task(gateway.follow_triton(config.health_interval))
 
@@ -66,6 +74,7 @@ async def serve(config: ServeConfig, repository: Path) -> int:
         model_config_name="gpu" if config.device == "cuda" else "",
         environment={"BLIP_MAX_IMAGE_PIXELS": str(config.max_image_pixels),
                      "BLIP_MAX_IMAGE_SIDE": str(config.max_image_side)},
+        response_cache_mb=config.response_cache_mb,
     ), on_down=down, on_up=up, probe_timeout=config.health_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,7 +102,7 @@ async def serve(config: ServeConfig, repository: Path) -> int:
             f"blip-serve: ready: gRPC API {config.host}:{gateway.port} (blip.caption.v1.CaptionService){metrics}; "
             f"Triton gRPC {config.triton_host}:{config.triton_grpc_port}, "
             f"HTTP {config.triton_host}:{config.triton_http_port}, "
-            f"metrics {config.triton_host}:{config.triton_metrics_port}; model {served}",
+            f"metrics {config.triton_host}:{config.triton_metrics_port}; models {served}",
             flush=True,
         )
         await supervisor.watch(stop)
@@ -141,15 +150,25 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_command_line(ServeConfig, argv, prog="blip-serve",
                                     description="Serve BLIP image captioning on Triton.")
         check_device(config.precision or "fp32", config.device, "--precision")
+        models = parse_model_arguments(config.model)
+        response_cache_flags(config.response_cache_mb)  # a size it cannot take is refused now, not at Triton's start
     except ValueError as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # during the export: stop, leaving no partial export behind
     try:
         options = ExportOptions(precision=config.precision or "fp32", image_processor=config.image_processor or "pil")
-        repository = resolve_repository(config.model, config.cache_dir, options, export=export_in_child)
-        check_repository(config, repository)
-        return asyncio.run(serve(config, repository))
+        repositories = []
+        for model in models:  # each exported (or found in the cache) on its own
+            repository = resolve_repository(model.path, config.cache_dir, options, export=export_in_child)
+            check_repository(config, repository)
+            repositories.append((model.name, repository))
+        served = "; ".join(describe(model.name, model.path, repository)
+                           for model, (_, repository) in zip(models, repositories, strict=True))
+        # One model repository for Triton holding them all (links to the exports, which stay where they are).
+        with tempfile.TemporaryDirectory(prefix="blip-serve-models-") as combined:
+            combine(repositories, Path(combined))
+            return asyncio.run(serve(config, Path(combined), served))
     except (BlipServerError, OSError, ValueError) as exc:
         print(f"blip-serve: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from blip_server import procfs
 from blip_server.errors import TritonStartError
 from blip_server.shared.cpu_turns import PREFIX as TURNS_PREFIX
 from blip_server.shared.cpu_turns import available_cores, turns_directory, turns_path
-from blip_server.triton_command import ENVIRONMENT, EXIT_TIMEOUT_SECONDS, server_flags
+from blip_server.triton_command import ENVIRONMENT, EXIT_TIMEOUT_SECONDS, RESPONSE_CACHE_MB, server_flags
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class TritonOptions:
     log_path: where Triton's log goes (default: a file in the server's temporary work directory).
     model_config_name: load `<model>/configs/<name>.pbtxt` where a model has one (`gpu`), else `config.pbtxt`.
     environment: variables set for the server and its Python-backend stubs (the models read BLIP_* limits).
+    response_cache_mb: MiB of Triton's response cache (`triton_command.RESPONSE_CACHE_MB`); 0: none.
     """
 
     model_repository: Path
@@ -107,6 +108,7 @@ class TritonOptions:
     log_path: Path | None = None
     model_config_name: str = ""
     environment: dict[str, str] = field(default_factory=dict)
+    response_cache_mb: float = RESPONSE_CACHE_MB
 
 
 def _wheel_paths() -> tuple[Path, Path, Path]:
@@ -177,7 +179,9 @@ class EmbeddedTriton:
             str(binary),
             f"--model-repository={Path(o.model_repository).resolve()}",
             f"--backend-directory={self._workdir / 'backends'}",
-            *server_flags(self._admin_key, available_cores(), o.exit_timeout),
+            *server_flags(self._admin_key, available_cores(), o.exit_timeout, o.response_cache_mb),
+            # The wheel's caches (its local response cache), not /opt/tritonserver/caches, Triton's default.
+            *([f"--cache-directory={binary.parent.parent / 'caches'}"] if o.response_cache_mb else []),
             f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
             f"--http-address={o.host}",

@@ -16,6 +16,10 @@ from support.torchvision_reference import TorchvisionReference
 _RUNNING: list[EmbeddedTriton] = []
 _TORCHVISION: list[TorchvisionReference] = []
 _SERVING: list[ServeProcess] = []
+# The shared servers run without Triton's response cache: their tests send the same request again and again to
+# see the models at work (timings, deadlines, faults, statistics). The cache has tests of its own
+# (test_response_cache.py), and blip-serve's default keeps it on.
+NO_CACHE = 0
 
 
 class Server:
@@ -37,7 +41,7 @@ def servers(repositories, checkpoints):
         if name not in started:
             triton = EmbeddedTriton(TritonOptions(
                 model_repository=repositories[name], grpc_port=free_port(), http_port=free_port(),
-                metrics_port=free_port(), startup_timeout=180,
+                metrics_port=free_port(), startup_timeout=180, response_cache_mb=NO_CACHE,
             ))
             _RUNNING.append(triton)
             triton.start()
@@ -59,7 +63,7 @@ def start_triton():
 
     def start(repository, **options) -> EmbeddedTriton:
         options = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port(),
-                   "startup_timeout": 180, **options}
+                   "startup_timeout": 180, "response_cache_mb": NO_CACHE, **options}
         triton = EmbeddedTriton(TritonOptions(model_repository=repository, **options))
         _RUNNING.append(triton)
         mine.append(triton)
@@ -77,7 +81,8 @@ def start_triton():
 @pytest.fixture(scope="session")
 def service(repositories, checkpoints, tmp_path_factory):
     """blip-serve (gateway + Triton) serving the standard test checkpoint, as a user runs it."""
-    serve = ServeProcess("--model", str(repositories["standard"]), cache=tmp_path_factory.mktemp("cache"))
+    serve = ServeProcess("--model", str(repositories["standard"]), "--response-cache-mb", str(NO_CACHE),
+                         cache=tmp_path_factory.mktemp("cache"))
     _SERVING.append(serve)
     serve.wait_ready()
     serve.checkpoint = str(checkpoints["standard"])

@@ -46,8 +46,9 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(repositories, checkpoints, tmp_path_factory):
+    # No response cache: the same image again must reach the models (the faults are theirs).
     serve = ServeProcess("--model", str(repositories["standard"]), "--health-interval", "0.5",
-                         cache=tmp_path_factory.mktemp("cache"))
+                         "--response-cache-mb", "0", cache=tmp_path_factory.mktemp("cache"))
     serve.wait_ready()
     serve.checkpoint = str(checkpoints["standard"])
     yield serve

@@ -4,6 +4,7 @@ containers through `blip-tritonserver` behind NGC's entrypoint, passing only pat
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "triton" / "Dockerfile"
 # What may differ between one Triton and another: where it is and where it listens.
 PER_SERVER = ("--model-repository=", "--backend-directory=", "--grpc-address=", "--grpc-port=", "--http-address=",
-              "--http-port=", "--metrics-address=", "--metrics-port=", "--log-verbose=", "--model-config-name=")
+              "--http-port=", "--metrics-address=", "--metrics-port=", "--log-verbose=", "--model-config-name=",
+              "--cache-directory=")  # the wheel's caches; the image's are where Triton looks by default
 CONTAINER_ARGS = ["--model-repository=/models/repository"]
 
 
@@ -36,10 +38,11 @@ def _image_files(tmp_path: Path) -> Path:
     return tmp_path / "triton_command.py"
 
 
-def _container_command(tmp_path: Path) -> tuple[dict[str, str], list[str]]:
-    """(environment, command) that `blip-tritonserver` in the image would exec, printed by itself."""
+def _container_command(tmp_path: Path, **variables: str) -> tuple[dict[str, str], list[str]]:
+    """(environment, command) that `blip-tritonserver` in the image would exec, printed by itself; `variables`:
+    the container's environment variables beside this one's."""
     run = subprocess.run([sys.executable, "-I", str(_image_files(tmp_path)), "--print-command", *CONTAINER_ARGS],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env={**os.environ, **variables})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     binary = next(i for i, line in enumerate(lines) if "tritonserver" in line and "=" not in line)
@@ -122,3 +125,52 @@ def test_no_deployment_file_passes_triton_flags_of_its_own():
         if path.is_file():
             text = path.read_text()
             assert not [flag for flag in server_flags if flag in text], path
+
+
+# -- the response cache: one flag, blip-serve's and every container's ---------------------------------------------
+
+
+def test_the_response_cache_is_on_by_default_in_blip_serve_and_every_container(tmp_path):
+    from blip_server.config import ServeConfig, parse_command_line
+
+    size = f"--cache-config=local,size={int(triton_command.RESPONSE_CACHE_MB * 2**20)}"
+    assert ServeConfig().response_cache_mb == TritonOptions(model_repository=tmp_path).response_cache_mb == 64.0
+    assert size in _container_command(tmp_path)[1]
+    embedded = EmbeddedTriton(TritonOptions(model_repository=tmp_path))
+    try:
+        command = embedded.command()
+    finally:
+        embedded.cleanup()
+    assert size in command
+    (directory,) = [f.split("=", 1)[1] for f in command if f.startswith("--cache-directory=")]
+    assert (Path(directory) / "local" / "libtritoncache_local.so").is_file()  # the wheel's local cache
+    # --response-cache-mb, else BLIP_RESPONSE_CACHE_MB, as every flag of blip-serve
+    config = parse_command_line(ServeConfig, ["--response-cache-mb", "0.5"], prog="blip-serve", description="",
+                                environ={"BLIP_RESPONSE_CACHE_MB": "8"})
+    assert config.response_cache_mb == 0.5
+    assert parse_command_line(ServeConfig, [], prog="blip-serve", description="",
+                              environ={"BLIP_RESPONSE_CACHE_MB": "8"}).response_cache_mb == 8.0
+
+
+def test_the_response_cache_takes_its_size_in_mib_and_0_turns_it_off(tmp_path):
+    assert triton_command.response_cache_flags(1 / 1024) == ["--cache-config=local,size=1024"]
+    assert triton_command.response_cache_flags(0) == []
+    for wrong in (-1, 1e-9):
+        with pytest.raises(ValueError, match="give 0"):
+            triton_command.response_cache_flags(wrong)
+    embedded = EmbeddedTriton(TritonOptions(model_repository=tmp_path, response_cache_mb=0))
+    try:
+        assert not [f for f in embedded.command() if f.startswith(("--cache-config", "--cache-directory"))]
+    finally:
+        embedded.cleanup()
+    _, container = _container_command(tmp_path, BLIP_RESPONSE_CACHE_MB="0")
+    assert not [f for f in container if f.startswith("--cache")]
+    _, container = _container_command(tmp_path, BLIP_RESPONSE_CACHE_MB="0.5")
+    assert "--cache-config=local,size=524288" in container
+
+
+def test_blip_serve_refuses_a_response_cache_it_cannot_make(capsys):
+    from blip_server.serve import main as serve_main
+
+    assert serve_main(["--response-cache-mb", "-1"]) == 2
+    assert "a response cache of -1.0 MiB" in capsys.readouterr().err

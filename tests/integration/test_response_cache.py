@@ -1,0 +1,165 @@
+"""Triton's response cache through the real stack (blip-serve: the gateway and Triton): a repeated deterministic
+request is answered from the ensemble's cache without running preprocess, the encoder or the decoder, with the same
+captions, and counts as a hit in Triton's statistics and metrics; an unseeded sample is never a hit; the cache's
+memory stays within --response-cache-mb; 0 turns it off."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from blip_bench.processes import scrape
+from blip_client import CaptionClient, GenerationOptions
+from blip_server import ensemble
+from support import images
+from support.serve import ServeProcess
+
+MODELS = ("preprocess", "vision_encoder", "text_decoder")
+
+
+def _picture(seed: int) -> bytes:
+    return images.encode(images.rgb(64, 48, seed), "PNG")
+
+
+def _counts(serve: ServeProcess) -> dict[str, dict[str, int]]:
+    """Per model: executions and requests run, and the ensemble's cache hits and misses (Triton's statistics)."""
+    client = grpcclient.InferenceServerClient(serve.triton_address)
+    counts = {}
+    for stats in client.get_inference_statistics(as_json=True)["model_stats"]:
+        inference = stats.get("inference_stats", {})
+        counts[stats["name"]] = {"executions": int(stats.get("execution_count", 0)),
+                                 "requests": int(stats.get("inference_count", 0)),
+                                 "hits": int(inference.get("cache_hit", {}).get("count", 0)),
+                                 "misses": int(inference.get("cache_miss", {}).get("count", 0))}
+    return counts
+
+
+def _cache_metrics(serve: ServeProcess) -> dict[str, float]:
+    """Triton's nv_cache_* samples on its metrics port (the per-model ones for the ensemble only)."""
+    found = {}
+    for (name, labels), value in scrape(serve.ports["metrics"]).items():
+        if name.startswith("nv_cache") and dict(labels).get("model", ensemble.MODEL) == ensemble.MODEL:
+            found[name.removesuffix("_total")] = value  # the parser names counters' samples *_total
+    return found
+
+
+def _caption(client: CaptionClient, image: bytes, options: GenerationOptions) -> list[tuple[str, float]]:
+    return [(c.text, c.score) for c in client.caption(image, options=options).captions]
+
+
+@pytest.fixture(scope="module")
+def cached(repositories, tmp_path_factory):
+    """blip-serve with its default response cache (no --response-cache-mb given)."""
+    serve = ServeProcess("--model", str(repositories["standard"]), cache=tmp_path_factory.mktemp("cache"))
+    try:
+        serve.wait_ready()
+        yield serve
+    finally:
+        code, log = serve.stop()
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("name, options", [
+    ("greedy", GenerationOptions(num_beams=1)),
+    ("beam search", GenerationOptions(num_beams=3, num_return_sequences=2)),
+    ("seeded sampling", GenerationOptions(do_sample=True, seed=5, num_return_sequences=3)),
+])
+def test_a_repeated_deterministic_request_is_answered_from_the_cache(cached, name, options):
+    image = _picture({"greedy": 1, "beam search": 2, "seeded sampling": 3}[name])
+    with CaptionClient(cached.address, timeout=60) as client:
+        before = _counts(cached)
+        hits_before = _cache_metrics(cached).get("nv_cache_num_hits_per_model", 0)
+        first = _caption(client, image, options)
+        after_first = _counts(cached)
+        second = _caption(client, image, options)
+        after_second = _counts(cached)
+    assert second == first  # the same captions and scores
+    # The first went through every model and was a miss; the second ran none of them (the gateway sends each call a
+    # deadline of its own as a request parameter: it does not enter Triton's key) and was a hit.
+    assert after_first[ensemble.MODEL]["misses"] == before[ensemble.MODEL]["misses"] + 1
+    for model in MODELS:
+        assert after_first[model]["requests"] == before[model]["requests"] + 1, (model, cached.triton_log_tail())
+        assert after_second[model] == after_first[model], model
+    assert after_second[ensemble.MODEL]["hits"] == after_first[ensemble.MODEL]["hits"] + 1
+    assert _cache_metrics(cached)["nv_cache_num_hits_per_model"] == hits_before + 1
+
+
+def test_an_unseeded_sample_is_never_a_hit(cached):
+    image = _picture(4)
+    options = GenerationOptions(do_sample=True, num_return_sequences=2)
+    with CaptionClient(cached.address, timeout=60) as client:
+        before = _counts(cached)
+        for _ in range(3):
+            assert len(_caption(client, image, options)) == 2
+        after = _counts(cached)
+    assert after[ensemble.MODEL]["hits"] == before[ensemble.MODEL]["hits"]
+    assert after["vision_encoder"]["requests"] == before["vision_encoder"]["requests"] + 3
+    # What the gateway's random seed prevents: the same unseeded request sent to the ensemble directly (a
+    # Triton-native client) is answered from the cache the second time (docs/architecture.md, "Response cache").
+    triton = grpcclient.InferenceServerClient(cached.triton_address)
+    for _ in range(2):
+        triton.infer(ensemble.MODEL, ensemble.inputs(grpcclient, image, None, do_sample=True),
+                     outputs=ensemble.outputs(grpcclient))
+    assert _counts(cached)[ensemble.MODEL]["hits"] == after[ensemble.MODEL]["hits"] + 1
+
+
+def test_with_no_cache_every_request_runs_the_models(service):
+    """The shared `service` runs with --response-cache-mb 0 (conftest.py)."""
+    image = _picture(5)
+    options = GenerationOptions(num_beams=1)
+    with CaptionClient(service.address, timeout=60) as client:
+        before = _counts(service)
+        assert _caption(client, image, options) == _caption(client, image, options)
+        after = _counts(service)
+    assert after["vision_encoder"]["requests"] == before["vision_encoder"]["requests"] + 2
+    assert after[ensemble.MODEL]["hits"] == after[ensemble.MODEL]["misses"] == 0
+    # No cache: the ensemble's counters (its config enables the cache) stay at 0, and the cache's gauges are absent.
+    metrics = _cache_metrics(service)
+    assert metrics["nv_cache_num_hits_per_model"] == metrics["nv_cache_num_misses_per_model"] == 0
+    assert "nv_cache_util" not in metrics and "nv_cache_num_entries" not in metrics
+    assert re.search(r"\| cache_enabled +\| 0 ", service.triton_log_text())
+
+
+def _settled_metrics(serve: ServeProcess, lookups: int) -> dict[str, float]:
+    """The cache's gauges once Triton's metrics thread has read them after `lookups` lookups (every 2 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = _cache_metrics(serve)
+        if metrics.get("nv_cache_num_lookups", 0) >= lookups or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.5)
+
+
+def test_the_caches_memory_is_bounded_by_its_flag(repositories, tmp_path):
+    """16 KiB holds about a hundred one-caption answers (some 160 bytes each, measured): 150 different requests
+    fill it, the oldest answers are evicted, and its use stays within its size."""
+    sent = 150
+    serve = ServeProcess("--model", str(repositories["standard"]), "--response-cache-mb", str(16 / 1024),
+                         cache=tmp_path / "cache")
+    try:
+        serve.wait_ready()
+        image = _picture(6)
+        with CaptionClient(serve.address, timeout=120) as client:
+            for seed in range(sent):  # one at a time: inserted in this order
+                client.caption(image, options=GenerationOptions(do_sample=True, seed=seed))
+            metrics = _settled_metrics(serve, sent)
+            assert metrics["nv_cache_num_lookups"] == metrics["nv_cache_num_misses"] == sent, metrics
+            assert 0 < metrics["nv_cache_num_entries"] < sent and metrics["nv_cache_num_evictions"] > 0, metrics
+            assert metrics["nv_cache_num_entries"] + metrics["nv_cache_num_evictions"] == sent, metrics
+            assert 0.5 < metrics["nv_cache_util"] <= 1.0, metrics
+            before = _counts(serve)
+            client.caption(image, options=GenerationOptions(do_sample=True, seed=sent - 1))  # the newest: kept
+            newest = _counts(serve)
+            client.caption(image, options=GenerationOptions(do_sample=True, seed=0))  # the oldest: evicted
+            oldest = _counts(serve)
+        assert newest[ensemble.MODEL]["hits"] == before[ensemble.MODEL]["hits"] + 1
+        assert newest["vision_encoder"] == before["vision_encoder"]
+        assert oldest[ensemble.MODEL]["misses"] == newest[ensemble.MODEL]["misses"] + 1
+        assert oldest["vision_encoder"]["requests"] == newest["vision_encoder"]["requests"] + 1
+    finally:
+        code, log = serve.stop()
+    assert code == 0, log
+    assert re.search(r"\| cache_enabled +\| 1 ", serve.triton_log_text())
