@@ -68,6 +68,8 @@ class Settings:
     batch_sizes: tuple[int, ...]  # transformers' batches to try; the best is reported
     threads: int
     overtaking: bool  # measure a short request sent half-way through a long one
+    # Shares of requests whose image was sent before, for the rows with Triton's response cache (none: no rows)
+    repeat_shares: tuple[float, ...] = ()
 
 
 def _scenes(count: int, seed: int = 7) -> list[bytes]:
@@ -205,7 +207,9 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
     floor = caption_floor(repository, precision, machine, settings.tokens) if precision in PRECISIONS else None
     rows, texts = [], {}
     with tempfile.TemporaryDirectory() as cache:
-        serve = ServeProcess("--model", str(repository), "--max-concurrent-requests", "1024", cache=Path(cache))
+        # No response cache: these rows send the same images at every concurrency and measure the models.
+        serve = ServeProcess("--model", str(repository), "--max-concurrent-requests", "1024",
+                             "--response-cache-mb", "0", cache=Path(cache))
         try:
             serve.wait_ready(timeout=900)
             sdk = CaptionClient(serve.address, timeout=3600)
@@ -248,9 +252,73 @@ def run_service(settings: Settings, repository: Path, precision: str, images: li
             code, log = serve.stop()
         if code != 0:
             raise RuntimeError(f"blip-serve exited {code}:\n{log[-4000:]}")
-    return {"rows": rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
+    repeat_rows = run_repeats(settings, repository, precision) if settings.repeat_shares else []
+    return {"rows": rows, "repeat_rows": repeat_rows, "texts": texts, "memory": memory, "peak_memory": peak.peak,
             "weights_bytes": _weights_bytes(repository),
             "overtaking": overtaking, "floor": _floor_fields(floor) if floor else None}
+
+
+def _with_repeats(fresh: list[bytes], share: float, seed: int) -> list[bytes]:
+    """As many requests as `fresh` images, a `share` of them an image sent earlier in the list (picked at random)."""
+    import random
+
+    rng = random.Random(seed)
+    slots = set(rng.sample(range(1, len(fresh)), min(len(fresh) - 1, round(len(fresh) * share))))
+    new = iter(fresh)
+    sequence: list[bytes] = []
+    for i in range(len(fresh)):
+        sequence.append(rng.choice(sequence) if i in slots else next(new))
+    return sequence
+
+
+def run_repeats(settings: Settings, repository: Path, precision: str) -> list[dict]:
+    """Throughput through the gateway with Triton's response cache (blip-serve's default) when a share of the
+    requests repeats an image sent before, beside none: each share and concurrency gets images no earlier row sent
+    (a share of 0 is every request a miss). A repeat sent while its first request is still in flight is a miss
+    too, so the row reports the hits Triton counted (`cache_hits`) beside the share asked for."""
+    import tritonclient.grpc as grpcclient
+
+    from blip_bench.processes import ServeProcess
+    from blip_client import CaptionClient, GenerationOptions
+    from blip_server import ensemble
+
+    options = GenerationOptions(num_beams=settings.beams, max_new_tokens=settings.tokens,
+                                min_new_tokens=settings.tokens)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        serve = ServeProcess("--model", str(repository), "--max-concurrent-requests", "1024", cache=Path(cache))
+        try:
+            serve.wait_ready(timeout=900)
+            sdk = CaptionClient(serve.address, timeout=3600)
+            triton = grpcclient.InferenceServerClient(serve.triton_address)
+            ask = lambda data: sdk.caption(data, options=options).captions[0].text  # noqa: E731
+            _warm_up(ask, _scenes(max(settings.concurrency), seed=999), max(settings.concurrency))
+            round_ = 0
+            for share in settings.repeat_shares:
+                for concurrency in settings.concurrency:
+                    round_ += 1
+                    sequence = _with_repeats(_scenes(settings.images, seed=1000 + round_), share, round_)
+                    before = _cache_counts(triton, ensemble.MODEL)
+                    row, _ = _measure(f"service {precision} via gateway, {concurrency} concurrent, {share:.0%} "
+                                      "repeated", ask, sequence, concurrency, kind="repeats", precision=precision,
+                                      route="gateway", repeat_share=share)
+                    after = _cache_counts(triton, ensemble.MODEL)
+                    row["cache_hits"] = after["hits"] - before["hits"]
+                    row["cache_misses"] = after["misses"] - before["misses"]
+                    rows.append(_progress(row))
+            sdk.close()
+        finally:
+            code, log = serve.stop()
+        if code != 0:
+            raise RuntimeError(f"blip-serve exited {code}:\n{log[-4000:]}")
+    return rows
+
+
+def _cache_counts(client, model: str) -> dict:
+    """Triton's cumulative response-cache hits and misses of a model."""
+    inference = client.get_inference_statistics(model, as_json=True)["model_stats"][0].get("inference_stats", {})
+    return {"hits": int(inference.get("cache_hit", {}).get("count", 0)),
+            "misses": int(inference.get("cache_miss", {}).get("count", 0))}
 
 
 def _decoder_delta(after: dict[str, float], before: dict[str, float]) -> dict:

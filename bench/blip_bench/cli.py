@@ -72,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             beams=args.beams, tokens=args.tokens, batch_sizes=ints(args.batch_sizes or ("1,4" if quick else "1,4,8")),
             # transformers gets the threads the service's models start: the cores, capped by a container's CPU limit
             threads=available_cores(), overtaking=not quick,
+            repeat_shares=tuple(float(v) for v in args.repeat_share.split(",")) if args.repeat_share else (),
         )
         results = run(settings)
     print(write(results, args.output))
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batch-sizes", help="transformers' batches to try (default 1,4,8)")
     bench.add_argument("--beams", type=int, default=3)
     bench.add_argument("--tokens", type=int, default=20, help="new tokens per caption, exactly")
+    bench.add_argument("--repeat-share", help="comma-separated shares of requests repeating an image sent before, "
+                       "e.g. 0,0.5: throughput through the gateway with Triton's response cache for each (default: "
+                       "none of these rows; the other rows run without the cache)")
     bench.add_argument("--output", type=Path, default=Path("bench-results"))
     soak = commands.add_parser("soak", help="minutes of load with hostile files; calls and memory accounted for")
     soak.add_argument("--model", type=Path, help="checkpoint or repository for blip-serve (default: the demo model)")

@@ -43,6 +43,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['name']} | {' | '.join(cells)} | {row['decoder_s_per_caption']:.3f} | {against} | "
                          f"{row['server_cpu_s_per_caption']:.3f} | {row['gateway_cpu_s_per_caption'] * 1e3:.1f} | "
                          f"{row['gateway_cpu_share']:.2%} |")
+    repeats = [row for service in results["service"].values() for row in service.get("repeat_rows", [])]
+    if repeats:
+        lines += ["", "With Triton's response cache (blip-serve's default), a share of the requests repeating an image "
+                      "sent before (the rows above run without it); hits as Triton counted them:", "",
+                  "| run | s per caption | captions/s | p50 ms | p99 ms | cache hits |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in repeats:
+            lines.append(f"| {row['name']} | {row['seconds_per_caption']:.3f} | {row['captions_per_second']:.2f} | "
+                         f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['cache_hits']} of {row['captions']} |")
     lines += _against_floor(results)
     lines += _memory_by_process(results)
     lines += ["", "| precision | server memory at rest (PSS, MB) | peak under load | weights MB | ratio at rest | "

@@ -12,7 +12,8 @@ from blip_server.shared.cpu_turns import available_cores
 
 
 def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
-    assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--output", str(tmp_path)]) == 0
+    assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--repeat-share", "0,0.5",
+                 "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["batch"] for r in results["transformers"]] == [1, 4]
     assert results["cpu_threads"] == available_cores()  # transformers' threads: those the service's models start
@@ -73,3 +74,12 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
     assert "| run | floor s (encoder + decoder) | p50 latency / floor |" in markdown
     assert "| service fp32 via gateway, 1 concurrent | " in markdown.split("p50 latency / floor")[1]
     assert "Measured first" in markdown and "GB/s" in markdown
+    # With the response cache: throughput with half the images repeated beside none. One client at a time, every
+    # repeat finds its image's answer in the cache; with four, a repeat of an image still in flight is a miss.
+    repeats = {(r["repeat_share"], r["concurrency"]): r for r in service["repeat_rows"]}
+    assert set(repeats) == {(share, c) for share in (0.0, 0.5) for c in (1, 4)}
+    assert all(r["captions"] == 6 and r["captions_per_second"] > 0 for r in repeats.values())
+    assert repeats[(0.0, 1)]["cache_hits"] == repeats[(0.0, 4)]["cache_hits"] == 0
+    assert repeats[(0.5, 1)]["cache_hits"] == repeats[(0.5, 1)]["cache_misses"] == 3
+    assert repeats[(0.5, 4)]["cache_hits"] + repeats[(0.5, 4)]["cache_misses"] == 6
+    assert "| service fp32 via gateway, 1 concurrent, 50% repeated | " in markdown and "3 of 6 |" in markdown
