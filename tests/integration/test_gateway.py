@@ -45,7 +45,7 @@ def test_unary_captions_equal_transformers(service):
             texts, scores = _expected(service, kind, prompt or None, **options)
             assert [c.text for c in result.captions] == texts
             assert [c.score for c in result.captions] == pytest.approx(scores, abs=1e-4)
-            assert (result.request_id, result.model) == (kind, "blip_caption")
+            assert (result.request_id, result.model) == (kind, "standard")  # a bare --model: its folder's name
 
 
 def test_streaming_answers_each_item_with_its_id_and_survives_bad_items(service):
@@ -62,7 +62,7 @@ def test_streaming_answers_each_item_with_its_id_and_survives_bad_items(service)
 def test_model_info_describes_what_is_served(service, checkpoints):
     with CaptionClient(service.address) as client:
         info = client.model_info()
-    assert info.model == "blip_caption" and info.precision == "fp32"
+    assert info.model == "standard" and info.precision == "fp32"  # named after the folder of --model
     assert info.source_checkpoint == str(Path(service.checkpoint).resolve())
     assert (info.image_height, info.image_width) == (384, 384)
     assert (info.defaults.num_beams, info.defaults.max_new_tokens, info.defaults.min_new_tokens) == (3, 20, 5)
@@ -170,7 +170,7 @@ def test_a_client_generated_from_the_proto_alone_can_call(service, tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert response.captions[0].text == _expected(service, "jpeg")[0][0] and response.request_id == "independent"
-    assert info.model == "blip_caption"
+    assert info.model == "standard"
 
 
 def test_the_cli_prints_json_lines_in_order_and_fails_when_an_image_fails(service, tmp_path):

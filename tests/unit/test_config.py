@@ -15,10 +15,10 @@ from blip_server.serve import main as serve_main
 
 
 def test_configuration_comes_from_blip_environment_variables(tmp_path):
-    config = from_env(ServeConfig, {"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": str(tmp_path),
+    config = from_env(ServeConfig, {"BLIP_TRITON_GRPC_PORT": "9001", "BLIP_MODEL": f"{tmp_path},b=/b",
                                     "BLIP_API_KEYS": "a,b", "BLIP_STARTUP_TIMEOUT": "12.5", "BLIP_HOST": "0.0.0.0"})
     assert (config.triton_grpc_port, config.model, config.startup_timeout, config.host) == (
-        9001, tmp_path, 12.5, "0.0.0.0")
+        9001, (str(tmp_path), "b=/b"), 12.5, "0.0.0.0")
     assert from_env(ServeConfig, {}).triton_http_port == 8000
     with pytest.raises(ValueError, match="BLIP_TRITON_HTTP_PORT='x' is not a valid int"):
         from_env(ServeConfig, {"BLIP_TRITON_HTTP_PORT": "x"})
