@@ -9,11 +9,12 @@ from blip_server.gateway.grpc_server import create_server
 
 
 class BackgroundGateway:
-    def __init__(self, captioner, api_keys=(), credentials=None):
+    def __init__(self, captioner, api_keys=(), credentials=None, tracing=None):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.gateway = self.call(create_server("127.0.0.1:0", captioner, list(api_keys), credentials=credentials))
+        self.gateway = self.call(create_server("127.0.0.1:0", captioner, list(api_keys), credentials=credentials,
+                                                 tracing=tracing))
         self.address = f"127.0.0.1:{self.gateway.port}"
 
     def call(self, coroutine, timeout: float = 30):

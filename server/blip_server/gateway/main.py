@@ -6,7 +6,8 @@
 `start_gateway` assembles a gateway (replica pool, captioner, gRPC server, metrics); `blip-serve` uses it too,
 with its one embedded replica. Health is SERVING while any replica is ready. A replica that leaves a dns:///
 name's answer is drained (`--drain-grace`); clients' connections are renewed every `--max-connection-age`.
-SIGTERM/SIGINT stop it: health goes NOT_SERVING, in-flight calls get `--shutdown-grace` seconds.
+SIGTERM/SIGINT stop it: health goes NOT_SERVING, in-flight calls get `--shutdown-grace` seconds. OpenTelemetry's
+standard variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...) turn tracing on (`tracing`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.grpc_server import Gateway, create_server, server_credentials
 from blip_server.gateway.metrics import GatewayMetrics
 from blip_server.gateway.replicas import ReplicaPool, parse_endpoint
+from blip_server.gateway.tracing import start_tracing
 from blip_server.memory import bound_heap
 
 log = logging.getLogger("blip-gateway")
@@ -39,9 +41,10 @@ def api_keys(options: GatewayOptions) -> list[str]:
 
 
 async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_refresh: float = 5.0,
-                        drain_grace: float = 60.0) -> Gateway:
-    """A started gateway over `targets` (HOST:PORT or dns:///NAME:PORT); metrics served if options say so.
-    `dns_refresh` and `drain_grace` matter for dns:/// targets only (see ReplicaPool)."""
+                        drain_grace: float = 60.0, service: str = "blip-gateway") -> Gateway:
+    """A started gateway over `targets` (HOST:PORT or dns:///NAME:PORT); metrics served if options say so, traced
+    if OpenTelemetry's variables say so (`tracing`; `service`: its default service.name). `dns_refresh` and
+    `drain_grace` matter for dns:/// targets only (see ReplicaPool)."""
     keys = api_keys(options)
     metrics = GatewayMetrics()
     replicas = ReplicaPool(targets, health_timeout=options.health_timeout, dns_refresh=dns_refresh,
@@ -55,7 +58,8 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
     credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)
     gateway = await create_server(f"{options.host}:{options.port}", Captioner(replicas, limits), keys, metrics,
                                   credentials, max_connection_age=options.max_connection_age,
-                                  max_connection_age_grace=options.max_connection_age_grace)
+                                  max_connection_age_grace=options.max_connection_age_grace,
+                                  tracing=start_tracing(service))
     if options.metrics_port:
         try:
             gateway.metrics_port = metrics.serve(options.host, options.metrics_port)

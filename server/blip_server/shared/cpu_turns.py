@@ -45,11 +45,11 @@ def cpu_quota(cgroup: Path = CGROUP, self_cgroup: Path = Path("/proc/self/cgroup
         pass
     for controller in ("cpu", "cpu,cpuacct"):  # cgroup v1, as a container mounts it: -1 is no limit
         try:
-            quota = int((cgroup / controller / "cpu.cfs_quota_us").read_text())
-            period = int((cgroup / controller / "cpu.cfs_period_us").read_text())
+            quota_us = int((cgroup / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / controller / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
             continue
-        return quota / period if quota > 0 and period > 0 else None
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
     return None
 
 
@@ -77,7 +77,7 @@ class CpuTurns:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
