@@ -7,8 +7,9 @@ this file itself is `blip-tritonserver` (the Triton image copies it, with `memor
     /opt/nvidia/nvidia_entrypoint.sh blip-tritonserver --model-repository=/models/repository [--model-config-name=gpu]
 
 It adds the same flags and environment and execs `tritonserver`. Compose, Kubernetes and `docker run` pass only
-the model repository, the config name and, where they differ, addresses and ports. Standard library only, and
-Python 3.10 (NGC's image runs its Python).
+the model repository, the config name and, where they differ, addresses and ports. Tracing: set OpenTelemetry's
+variables on the Triton container (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME; `trace_flags`). Standard
+library only, and Python 3.10 (NGC's image runs its Python).
 """
 
 from __future__ import annotations
