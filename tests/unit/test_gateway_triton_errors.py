@@ -23,6 +23,9 @@ DEAD_STUB = f"{PREFIX}Stub process 'vision_encoder_0_0' is not healthy."
 def test_triton_statuses_become_their_errors_without_the_ensembles_prefix(status, kind):
     error = status_mapping.from_triton(InferenceServerException(f"{PREFIX}what went wrong", status))
     assert type(error) is kind and "what went wrong" in error.message and PREFIX not in error.message
+    other = "in ensemble 'large.blip_caption', "  # another served model's ensemble (served_models)
+    error = status_mapping.from_triton(InferenceServerException(f"{other}what went wrong", status))
+    assert "what went wrong" in error.message and "ensemble" not in error.message
 
 
 def test_a_dead_stub_is_unavailable_and_retryable():

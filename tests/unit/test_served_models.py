@@ -1,6 +1,6 @@
 """Several models side by side (issue 23) without a server: `--model NAME=PATH` parsing, the combined model
 repository blip-serve serves, the gateway's reading of the served models, and `blip-caption --model`. (One
-blip-serve serving two checkpoints: tests/integration/test_served_models.py.)"""
+blip-serve serving two checkpoints: tests/integration/test_several_models.py.)"""
 
 from __future__ import annotations
 
