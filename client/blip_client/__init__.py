@@ -18,13 +18,14 @@ from blip_client._errors import (
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
+    NotFoundError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
 from blip_client._images import ImageInput
 from blip_client._requests import PemSource, RetryPolicy, channel_credentials
-from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo
+from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo, ModelSummary
 
 __all__ = [
     "AsyncCaptionClient",
@@ -40,6 +41,8 @@ __all__ = [
     "InvalidArgumentError",
     "Limits",
     "ModelInfo",
+    "ModelSummary",
+    "NotFoundError",
     "PemSource",
     "ResourceExhaustedError",
     "RetryPolicy",

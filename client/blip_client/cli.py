@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", default=os.environ.get("BLIP_SERVER", DEFAULT_TARGET),
                         help="caption server HOST:PORT (default: %(default)s; env BLIP_SERVER)")
     parser.add_argument("--prompt", default="", help="caption prefix, e.g. 'a picture of'")
+    parser.add_argument("--model", default=os.environ.get("BLIP_CAPTION_MODEL", ""), metavar="NAME",
+                        help="the served model to caption with (the server lists them: ListModels); default: the "
+                             "server's default (env BLIP_CAPTION_MODEL)")
     for flag, (field, kind, repeated) in OPTION_FLAGS.items():
         if kind is bool:
             parser.add_argument(flag, dest=field, action="store_true", default=None, help=_HELP.get(field))
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
         progress = tqdm(total=len(args.paths), unit="image", file=sys.stderr, dynamic_ncols=True)
     client = CaptionClient(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                           tls_key=args.tls_key, retry=RetryPolicy(max_attempts=args.retries + 1))
+                           tls_key=args.tls_key, retry=RetryPolicy(max_attempts=args.retries + 1), model=args.model)
     with client, ThreadPoolExecutor(args.concurrency) as pool:
         futures = [pool.submit(_caption_file, client, path, args, options) for path in args.paths]
         for path, future in zip(args.paths, futures, strict=True):
