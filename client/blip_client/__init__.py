@@ -6,8 +6,10 @@
         result = client.caption("photo.jpg", options=GenerationOptions(num_beams=5))
         print(result.text, result.captions[0].score)
 
-`channel_credentials` builds the TLS credentials both clients use from PEM files (`PemSource`: a path or the
-file's bytes), for other gRPC channels to the same service (the gateway's health probe uses it).
+`caption_folder` captions folders of images into a record file that a rerun resumes (`find_images`,
+`caption_files` and `RecordFile` are its parts, for pipelines). `channel_credentials` builds the TLS credentials
+both clients use from PEM files (`PemSource`: a path or the file's bytes), for other gRPC channels to the same
+service (the gateway's health probe uses it).
 """
 
 from blip_client._async_client import AsyncCaptionClient
@@ -23,6 +25,7 @@ from blip_client._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from blip_client._folders import FolderSummary, RecordFile, RecordsError, caption_files, caption_folder, find_images
 from blip_client._images import ImageInput
 from blip_client._requests import PemSource, RetryPolicy, channel_credentials
 from blip_client._types import Caption, CaptionResult, GenerationOptions, Limits, ModelInfo, ModelSummary
@@ -35,6 +38,7 @@ __all__ = [
     "CaptionError",
     "CaptionResult",
     "DeadlineExceededError",
+    "FolderSummary",
     "GenerationOptions",
     "ImageInput",
     "InternalError",
@@ -44,9 +48,14 @@ __all__ = [
     "ModelSummary",
     "NotFoundError",
     "PemSource",
+    "RecordFile",
+    "RecordsError",
     "ResourceExhaustedError",
     "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
+    "caption_files",
+    "caption_folder",
     "channel_credentials",
+    "find_images",
 ]
