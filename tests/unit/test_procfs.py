@@ -28,11 +28,19 @@ def test_cpu_seconds_counts_the_time_a_process_computes_and_not_the_time_it_wait
     assert procfs.cpu_seconds(sleeper.pid) == 0.0  # gone
 
 
-def test_is_child_sees_a_live_child_and_neither_a_zombie_nor_a_stranger():
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+def test_is_child_sees_a_live_child_and_neither_a_zombie_nor_a_grandchild_nor_a_parent():
+    # The child starts a grandchild and prints its pid: three live processes, each the parent of the next.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; g = subprocess.Popen([sys.executable, '-c', "
+         "'import sys; sys.stdin.read()'], stdin=subprocess.PIPE); print(g.pid, flush=True); sys.stdin.read(); "
+         "g.stdin.close(); g.wait()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        grandchild = int(child.stdout.readline())
         assert procfs.is_child(child.pid, os.getpid())
-        assert not procfs.is_child(child.pid, child.pid + 1)  # someone else's
+        assert procfs.is_child(grandchild, child.pid)  # any live parent, not only the caller
+        assert not procfs.is_child(grandchild, os.getpid())  # a descendant is not a child
+        assert not procfs.is_child(os.getpid(), child.pid)  # nor is the parent its child's
+        assert not procfs.is_child(child.pid, grandchild)
         child.stdin.close()  # it exits, and stays a zombie until waited for
         deadline = time.monotonic() + 10
         while procfs.is_child(child.pid, os.getpid()) and time.monotonic() < deadline:
@@ -40,5 +48,8 @@ def test_is_child_sees_a_live_child_and_neither_a_zombie_nor_a_stranger():
         assert not procfs.is_child(child.pid, os.getpid())
         assert (procfs._stat(child.pid) or ["gone"])[0] == "Z"  # not reaped: what the supervisor sees of a dead stub
     finally:
+        if not child.stdin.closed:  # a failed check above: let it (and its child) exit
+            child.stdin.close()
         child.wait()
+        child.stdout.close()
     assert not procfs.is_child(child.pid, os.getpid())
