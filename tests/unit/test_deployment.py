@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from blip_server.repository import SHARED_MODULES
 from support import side_environment
 from support.deployment import BIN, ROOT, compose, find, kustomize
 
@@ -495,12 +496,16 @@ def test_checkov_finds_nothing_in_the_deployment_files():
 
 # -- what runs on NGC's Python 3.10 -------------------------------------------------------------------------------
 
-# The model repository (with the shared modules blip-export copies into it) and blip-tritonserver's files.
-PYTHON_3_10 = [ROOT / "model_repository", ROOT / "server" / "blip_server" / "shared",
+# The model repository, the shared modules blip-export copies into every repository (SHARED_MODULES, named one by
+# one so that a module renamed or moved out of shared/ fails here instead of going unchecked, and the rest of
+# shared/: the export copies cpu_turns.py too), and blip-tritonserver's files.
+SHARED = ROOT / "server" / "blip_server" / "shared"
+PYTHON_3_10 = [ROOT / "model_repository", *(SHARED / module for module in SHARED_MODULES), SHARED,
                ROOT / "server" / "blip_server" / "triton_command.py", ROOT / "server" / "blip_server" / "memory.py"]
 
 
 def test_what_runs_in_the_triton_image_needs_nothing_newer_than_python_3_10():
+    assert SHARED_MODULES and all(path.is_file() for path in PYTHON_3_10 if path.suffix == ".py")
     run = _run("vermin", "-t=3.10-", "--violations", "--no-tips", "--eval-annotations", *map(str, PYTHON_3_10))
     assert run.returncode == 0, run.stdout + run.stderr
     import ast
