@@ -28,6 +28,7 @@ from blip_server.quantize import encoder_cosine
 from blip_server.repository import MANIFEST, parse_config
 from support import reference
 from support.checkpoints import SHALLOW
+from support.onnxruntime_backend import PRECISION_MODES, TENSORRT_PARAMETERS
 
 
 @pytest.mark.parametrize("name", ["standard", "unusual"])
@@ -88,6 +89,10 @@ def test_the_containers_gpu_encoder_uses_tensorrt_in_fp32_with_caches_a_profile_
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     params = dict(accelerator.parameters)
+    # Every key is one Triton 2.51's onnxruntime backend accepts (an unknown key fails the model's load), from the
+    # backend's source, not from model_configs.py.
+    assert set(params) <= TENSORRT_PARAMETERS, set(params) - TENSORRT_PARAMETERS
+    assert params["precision_mode"] in PRECISION_MODES
     # An fp32 export is exact on the GPU too: TensorRT in FP32 (no FP16 layers; TF32 is off in the environment).
     assert accelerator.name == "tensorrt" and params["precision_mode"] == "FP32"
     assert params["trt_engine_cache_enable"] == "1" and params["trt_timing_cache_enable"] == "1"
@@ -179,6 +184,7 @@ def test_an_fp16_export_has_an_fp16_encoder_close_to_fp32_and_configures_fp16_on
     encoder = parse_config(tmp_path / "repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
     (accelerator,) = encoder.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.parameters["precision_mode"] == "FP16"
+    assert set(accelerator.parameters) <= TENSORRT_PARAMETERS, set(accelerator.parameters) - TENSORRT_PARAMETERS
 
 
 def test_an_fp16_encoder_far_from_fp32_is_refused(checkpoints, tmp_path, monkeypatch):
