@@ -2,7 +2,8 @@
 code path (the encoder exported by blip-export's code and run by ONNX Runtime, our decoder, transformers beside
 it) in fp32 and fp16 (torch's Half on the CPU), and what must hold when a GPU's minutes are short: a failing
 phase loses no other, rows reach the disk as each phase ends, a spent time budget skips what is left and says so.
-Its GPU-only parts (TensorRT's options, the check that a session holds its GPU provider) are tested directly."""
+Its GPU-only parts are not run here: what it would ask of TensorRT (the provider options) and how it judges the
+sessions a GPU machine's ONNX Runtime gives (a faked onnxruntime) are checked; that it runs on a GPU is not."""
 
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def gpu_check():
         os.environ["NVIDIA_TF32_OVERRIDE"] = override
 
 
-def test_tensorrt_builds_one_engine_per_precision_for_every_batch_size_and_caches_it(gpu_check, tmp_path):
+def test_tensorrt_options_ask_for_one_profile_over_every_batch_size_and_caches_per_precision(gpu_check, tmp_path):
+    """The options only: no TensorRT runs here."""
     available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     for precision, fp16 in (("fp32", "0"), ("fp16", "1")):
         providers = gpu_check.gpu_providers(["tensorrt", "cuda"], available, precision, 1, tmp_path, [1, 8, 32], 384)
