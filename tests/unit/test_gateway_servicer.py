@@ -8,16 +8,19 @@ import threading
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from blip_client import CaptionClient, GenerationOptions
 from blip_client import _errors as client_errors
+from blip_client.protos.blip.caption.v1 import caption_pb2
 from blip_server.gateway import status_mapping
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.messages import CaptionJob
 from blip_server.gateway.replicas import Replica, ReplicaPool
+from blip_server.repository import parse_config, template_directory
 from support.fake_captioner import FAILURES, IMAGE, FakeCaptioner
 from support.gateway import BackgroundGateway
 
@@ -163,12 +166,55 @@ def test_a_stream_answers_every_item_and_survives_failed_ones(served):
             assert response.response.request_id == f"id-{i}"
 
 
-def test_model_info(served):
-    gateway, _ = served
-    with CaptionClient(gateway.address) as client:
-        info = client.model_info()
-    assert (info.model, info.image_height, info.defaults.num_beams, info.limits.max_num_beams) == (
-        "blip_caption", 384, 3, 8)
+class _ServedConfigs(Captioner):
+    """A real Captioner whose replica serves the given model configs (as Triton's get_model_config returns them)."""
+
+    def __init__(self, configs, limits):
+        super().__init__(ReplicaPool(("127.0.0.1:1",)), limits)
+        self.configs = configs
+
+    async def ready(self):
+        return True
+
+    async def _config(self, model):
+        return self.configs[model]
+
+
+def test_model_info_is_what_the_served_preprocess_config_and_the_gateways_limits_say():
+    """GetModelInfo over gRPC from a real Captioner reading the repository's preprocess config.pbtxt, its parameters
+    set here to values no default has, and the gateway's own limits set here too."""
+    config = parse_config(template_directory() / "preprocess" / "config.pbtxt")
+    served = {"source_checkpoint": "/models/blip-test-7", "precision": "int8", "image_height": "448",
+              "image_width": "320", "max_prompt_tokens": "23", "default_num_beams": "5",
+              "default_max_new_tokens": "33", "default_min_new_tokens": "2", "default_do_sample": "true",
+              "default_temperature": "0.75", "default_top_k": "7", "default_early_stopping": "never",
+              "limit_max_num_beams": "6", "limit_max_new_tokens": "41", "limit_max_num_return_sequences": "3",
+              "limit_max_no_repeat_ngram_size": "9"}
+    for key, value in served.items():
+        config.parameters[key].string_value = value
+    configs = {"blip_caption": {}, "preprocess": json_format.MessageToDict(config, preserving_proto_field_name=True)}
+    limits = GatewayLimits(max_image_bytes=12345, max_image_pixels=678901, max_image_side=2345, max_prompt_bytes=321,
+                           max_concurrent_requests=17)
+    gateway = BackgroundGateway(_ServedConfigs(configs, limits))
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            info = channel.unary_unary("/blip.caption.v1.CaptionService/GetModelInfo",
+                                       request_serializer=caption_pb2.GetModelInfoRequest.SerializeToString,
+                                       response_deserializer=caption_pb2.ModelInfo.FromString)(
+                caption_pb2.GetModelInfoRequest(), timeout=10)
+    finally:
+        gateway.stop()
+    # one export served as exported: named after its checkpoint's folder
+    assert (info.model, info.source_checkpoint, info.precision) == ("blip-test-7", "/models/blip-test-7", "int8")
+    assert (info.image_height, info.image_width, info.early_stopping) == (448, 320, "never")
+    defaults = info.defaults
+    assert (defaults.num_beams, defaults.max_new_tokens, defaults.min_new_tokens, defaults.top_k) == (5, 33, 2, 7)
+    assert defaults.do_sample is True and defaults.temperature == pytest.approx(0.75)
+    assert not defaults.HasField("seed")  # an unset seed is a random one: no default
+    assert info.limits == caption_pb2.Limits(
+        max_image_bytes=12345, max_image_pixels=678901, max_image_side=2345, max_prompt_bytes=321,
+        max_prompt_tokens=23, max_num_beams=6, max_new_tokens=41, max_num_return_sequences=3,
+        max_no_repeat_ngram_size=9, max_concurrent_requests=17)
 
 
 def test_each_request_is_answered_by_the_model_it_names(served):
@@ -438,7 +484,13 @@ def test_the_sdk_retries_a_call_the_server_cancelled_but_never_one_its_caller_ca
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
-            await asyncio.sleep(0.3)  # time enough for a retry, were there one
+            # The SDK retries from within the call, so a retry would have been sent before the call ended; what
+            # is waited for is the gateway ending the cancelled call (every image out of flight), then counted.
+            for _ in range(500):
+                if captioner.in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert captioner.in_flight == 0
             return sum(job.prompt == "slow" for job, _ in captioner.seen)
 
     assert asyncio.run(cancel_while_held()) == 1
@@ -456,8 +508,12 @@ def test_large_images_wait_for_room_in_the_bytes_in_flight_budget():
                 client.caption(IMAGE, prompt="second", timeout=0.5)
             waiting = threading.Thread(target=lambda: results.append(client.caption(IMAGE, prompt="third").text))
             waiting.start()
-            threading.Event().wait(0.3)
-            assert len(captioner.seen) == 1  # the third waits too
+            for _ in range(500):  # until the third is in the gateway (in flight beside the first), waiting for room
+                if captioner.in_flight == 2:
+                    break
+                threading.Event().wait(0.01)
+            assert captioner.in_flight == 2
+            assert len(captioner.seen) == 1  # the third waits: not sent to Triton
             gateway.call(_release(captioner))
             first.join(10)
             waiting.join(10)
