@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from blip_server.export import ExportOptions, export_checkpoint
 from blip_server.repository import MODELS, parse_config, template_directory
+from support import triton_schema
 
 TEMPLATE = template_directory()
 CONFIGS = sorted(TEMPLATE.glob("*/config.pbtxt"))
@@ -21,6 +24,30 @@ ENSEMBLE_INPUTS = {
     "TEMPERATURE": mc.TYPE_FP32, "TOP_P": mc.TYPE_FP32,
 }
 ENSEMBLE_OUTPUTS = {"CAPTIONS": mc.TYPE_STRING, "SCORES": mc.TYPE_FP32}
+
+
+def _every_config(*repositories: Path) -> list[Path]:
+    return [p for root in repositories for p in sorted(root.glob("*/config.pbtxt")) + sorted(root.glob("*/configs/*"))]
+
+
+def test_every_config_written_parses_with_triton_2_51s_schema(repositories, checkpoints, tmp_path):
+    """The template's configs, and every config of an export for blip-serve and one for NVIDIA's 24.10 container
+    (configs/gpu.pbtxt: TensorRT, warm-up), with Triton 2.51's model_config.proto (tritonclient's is newer):
+    a field 2.51 does not know fails the model's load there."""
+    export_checkpoint(checkpoints["standard"], tmp_path / "container", ExportOptions(target="triton-container"))
+    paths = _every_config(TEMPLATE, repositories["standard"], tmp_path / "container")
+    assert len(paths) >= 3 * len(MODELS) and any(p.parent.name == "configs" for p in paths)
+    for path in paths:
+        # no unknown field (ParseError), and the same configuration tritonclient's schema reads
+        assert triton_schema.parse(path.read_text()) == triton_schema.parse(str(parse_config(path))), path
+
+
+def test_triton_2_51s_schema_refuses_a_field_added_after_it():
+    ensemble = (TEMPLATE / "blip_caption" / "config.pbtxt").read_text()
+    newer = ensemble + 'model_metrics { metric_control { metric_identifier { family: "nv_inference" } } }\n'
+    text_format.Parse(newer, mc.ModelConfig())  # tritonclient 2.73's schema has it (added after the r24.10 branch)
+    with pytest.raises(text_format.ParseError, match="model_metrics"):
+        triton_schema.parse(newer)
 
 
 def test_every_model_has_a_config():
