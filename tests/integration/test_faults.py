@@ -3,7 +3,6 @@ under load, a second signal, a full server; Triton's administrative APIs closed;
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -16,6 +15,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from blip_bench.processes import decoder_counters
 from blip_client import CaptionClient, CaptionError, GenerationOptions, ResourceExhaustedError, UnavailableError
 from blip_server import procfs
 from support import images, reference
@@ -193,25 +193,36 @@ def test_mutual_tls_api_keys_a_full_server_and_sigterm_under_load(repositories, 
         serve.stop()
 
 
-def test_a_second_signal_kills_triton_and_blip_serve_still_waits_for_every_stub(repositories, tmp_path):
+def test_a_second_signal_kills_triton_and_blip_serve_still_waits_for_every_stub(repositories, tmp_path,
+                                                                                   monkeypatch):
+    # The decoder sleeps a second before each step (its test-only knob): HEAVY's call decodes for 48 s and more,
+    # so it is in flight at both signals on any machine.
+    monkeypatch.setenv("BLIP_TEST_STEP_DELAY_SECONDS", "1")
     serve = ServeProcess("--model", str(repositories["standard"]), "--shutdown-grace", "60", cache=tmp_path)
     serve.wait_ready()
     (triton,) = serve.children()
     stubs = procfs.children(triton)
     assert len(stubs) >= 3
-    slow = threading.Thread(target=lambda: _swallow(serve.address))
+    outcome = []
+    slow = threading.Thread(target=lambda: outcome.append(_heavy_call(serve.address)))
     slow.start()
-    time.sleep(1)
+    _wait_for(lambda: decoder_counters(serve.ports["metrics"])["steps"] > 0, 60, "the call is being decoded")
     serve.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    _wait_for(lambda: "blip-serve: stopping" in serve.log(), 60,
+              "blip-serve stops, giving the call in flight its grace")
     serve.process.send_signal(signal.SIGINT)
     code = serve.process.wait(timeout=60)
     assert not procfs.group_members(triton), "blip-serve exited before Triton and its stubs"
     slow.join(60)
     assert code in (0, 130), serve.log()
     assert "second signal: killing Triton now" in serve.log()
+    assert isinstance(outcome[0], UnavailableError), outcome  # Triton was killed under it, not left to finish
 
 
-def _swallow(address: str) -> None:
-    with CaptionClient(address, retry=None, timeout=60) as client, contextlib.suppress(CaptionError):
-        client.caption(KINDS["jpeg"], options=HEAVY)
+def _heavy_call(address: str) -> object:
+    """HEAVY's caption, or the CaptionError it ends with."""
+    with CaptionClient(address, retry=None, timeout=120) as client:
+        try:
+            return client.caption(KINDS["jpeg"], options=HEAVY)
+        except CaptionError as error:
+            return error

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from blip_bench.processes import decoder_counters
 from blip_client import (
     AsyncCaptionClient,
     CaptionClient,
@@ -88,31 +89,40 @@ def test_oversized_images_are_resource_exhausted(service):
 
 
 STOPPED = "text_decoder: stopped decoding a request"
+# The slowed decoder: each step sleeps SLOW_STEP s first (text_decoder's test-only BLIP_TEST_STEP_DELAY_SECONDS), so
+# HEAVY's 60 steps take over a minute on any machine; DEADLINE passes during them, far after what comes before the
+# decoding (preprocessing and encoding an image with the test model: milliseconds, a second under heavy load).
+SLOW_STEP, DEADLINE = 1.0, 5.0
 
 
-def test_a_passed_deadline_stops_the_decoder(service):
-    """A deadline half-way through decoding: the time of a caption that decodes one token (everything but the
-    decoding) plus half of what the heavy caption takes more (the median of three each)."""
-    cheap = GenerationOptions(num_beams=1, max_new_tokens=1, min_new_tokens=1)
-    with CaptionClient(service.address) as client:
-        def median(options) -> float:
-            timings = []
-            for _ in range(3):
-                started = time.monotonic()
-                client.caption(KINDS["jpeg"], options=options)
-                timings.append(time.monotonic() - started)
-            return sorted(timings)[1]
+@pytest.fixture(scope="module")
+def slow_service(repositories, tmp_path_factory):
+    """blip-serve (no response cache) whose decoder sleeps SLOW_STEP s before every step."""
+    with pytest.MonkeyPatch.context() as patch:  # blip-serve passes its environment on to Triton and the stubs
+        patch.setenv("BLIP_TEST_STEP_DELAY_SECONDS", str(SLOW_STEP))
+        serve = ServeProcess("--model", str(repositories["standard"]), "--response-cache-mb", "0",
+                             cache=tmp_path_factory.mktemp("cache"))
+    serve.wait_ready()
+    yield serve
+    code, log = serve.stop()
+    assert code == 0, log
 
-        total, before_decoding = median(HEAVY), median(cheap)
-        assert total > 2 * before_decoding, (total, before_decoding)  # decoding is most of a heavy caption
-        stopped = service.triton_log_text().count(STOPPED)
-        with pytest.raises(DeadlineExceededError):
-            client.caption(KINDS["jpeg"], options=HEAVY, timeout=before_decoding + (total - before_decoding) / 2)
-    for _ in range(100):  # the decoder notices within a step and stops
-        if service.triton_log_text().count(STOPPED) > stopped:
-            break
-        time.sleep(0.05)
-    assert service.triton_log_text().count(STOPPED) == stopped + 1, "the decoder finished a caption nobody awaited"
+
+def test_a_passed_deadline_stops_the_decoder(slow_service):
+    """A deadline that passes while the (slowed) decoder works: the caller gets DEADLINE_EXCEEDED, and the decoder,
+    which got the deadline with the request, stops decoding it at its next step: its log says so, and its step
+    counter (Triton's metrics port) shows it decoded some steps, not all of them."""
+    steps_before = decoder_counters(slow_service.ports["metrics"])["steps"]
+    stopped = slow_service.triton_log_text().count(STOPPED)
+    with CaptionClient(slow_service.address, retry=None) as client, pytest.raises(DeadlineExceededError):
+        client.caption(KINDS["jpeg"], options=HEAVY, timeout=DEADLINE)
+    waited = time.monotonic()
+    while slow_service.triton_log_text().count(STOPPED) == stopped:  # the decoder notices at its next step
+        assert time.monotonic() - waited < 120, f"the decoder went on decoding:\n{slow_service.triton_log_tail()}"
+        time.sleep(0.1)
+    assert slow_service.triton_log_text().count(STOPPED) == stopped + 1
+    steps = decoder_counters(slow_service.ports["metrics"])["steps"] - steps_before
+    assert 0 < steps < HEAVY.max_new_tokens, (steps, slow_service.triton_log_tail())
 
 
 def test_cancelled_calls_end_and_leave_the_server_healthy(service):

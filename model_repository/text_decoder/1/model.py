@@ -18,6 +18,7 @@ flight are exported as Triton metrics (`blip_decoder_*` on Triton's metrics port
 """
 
 import json
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,10 @@ from generation_options import GenerationLimits, GenerationOptions, OptionError,
 # server process, so not at every step of every request).
 _CANCELLATION_CHECK_SECONDS = 0.1
 _METRICS_SECONDS = 0.5
+# For tests only, never set in service: BLIP_TEST_STEP_DELAY_SECONDS=S sleeps S seconds before every decode step
+# (outside the CPU turn and the step's measured seconds), so that a test of deadlines or shutdowns has a decode
+# that lasts as long as it needs, whatever the machine's speed. Unset: nothing.
+_TEST_STEP_DELAY_SECONDS = float(os.environ.get("BLIP_TEST_STEP_DELAY_SECONDS") or 0)
 
 
 # A step that reads fewer weight bytes than this is bound by the cost of starting its operators, not by the
@@ -236,6 +241,8 @@ class TritonPythonModel:
                     self.pending.pop(key).send(_error("the request was cancelled or its deadline passed",
                                                       pb_utils.TritonError.CANCELLED))
                 if len(self.loop):
+                    if _TEST_STEP_DELAY_SECONDS:
+                        time.sleep(_TEST_STEP_DELAY_SECONDS)
                     with self.turns:
                         started = time.perf_counter()
                         finished = self.loop.step()
