@@ -4,7 +4,13 @@ With torchvision installed, `AutoProcessor` picks the torchvision backend of `Bl
 cannot be installed beside the CPU build of torch this package pins: the package index has only CUDA builds of
 torchvision, each compiled against its own CUDA build of torch. So the reference runs in a virtual environment
 of its own, built from the index with CUDA torch (which runs on a CPU), torchvision and this package's pins of
-transformers, tokenizers, safetensors and Pillow, and hands back the pixels it computes.
+transformers, tokenizers, safetensors and Pillow, and hands back the pixels it computes. (A CPU build would be
+lighter, but the index has none of torchvision, and no torchvision for this package's torch 2.13.0: each
+torchvision requires its own torch release exactly.)
+
+The environment (about 5.7 GB unpacked, a couple of minutes to build) is kept between runs by
+`support.side_environment`, keyed by `PACKAGES` and this Python's version: only a first run, or a change of the
+pins, builds it.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import venv
+import threading
 from pathlib import Path
 
 import numpy as np
+
+from support import side_environment
 
 PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "transformers==5.23.0", "tokenizers==0.23.3",
             "safetensors==0.8.0", "Pillow==13.0.0", "numpy<2"]
@@ -43,25 +51,33 @@ np.savez(output, **arrays)
 
 
 class TorchvisionReference:
-    """A virtual environment with torchvision; `pixels()` runs the checkpoint's processors there."""
+    """The cached environment with torchvision (built if missing); `pixels()` runs the checkpoint's processors
+    there. `directory`: this run's scratch (the inputs and outputs of each `pixels()`)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.python = directory / "venv" / "bin" / "python"
-        self._build: subprocess.Popen | None = None
+        self.python: Path | None = None
+        self._build: threading.Thread | None = None
+        self._failure: BaseException | None = None
         self._log = directory / "pip.log"
 
     def start_building(self) -> None:
-        """Create the environment in the background (a couple of minutes of unpacking)."""
-        venv.create(self.directory / "venv", with_pip=True)
-        with open(self._log, "wb") as log:
-            self._build = subprocess.Popen([str(self.python), "-m", "pip", "install", "--quiet", *PACKAGES],
-                                           stdout=log, stderr=subprocess.STDOUT)
+        """Find the environment, or build it in the background (a couple of minutes of unpacking)."""
+        def build():
+            try:
+                self.python = side_environment.environment(PACKAGES, timeout=900, log=self._log)
+            except BaseException as exc:  # noqa: BLE001 - raised by ready()
+                self._failure = exc
+
+        self._build = threading.Thread(target=build, name="torchvision-environment", daemon=True)
+        self._build.start()
 
     def ready(self, timeout: float = 900) -> None:
-        if self._build.wait(timeout=timeout) != 0:
-            raise RuntimeError(f"could not build the torchvision environment ({' '.join(PACKAGES)}):\n"
-                               + self._log.read_text()[-4000:])
+        self._build.join(timeout)
+        if self._build.is_alive():
+            raise RuntimeError(f"the torchvision environment was not built within {timeout} s ({self._log})")
+        if self._failure is not None:
+            raise RuntimeError(f"could not build the torchvision environment: {self._failure}")
 
     def pixels(self, checkpoint: Path,
                files: dict[str, bytes]) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -82,7 +98,8 @@ class TorchvisionReference:
             return picked, split("torchvision"), split("pil")
 
 
-if __name__ == "__main__":  # python tests/support/torchvision_reference.py DIR: build one by hand
+if __name__ == "__main__":  # cd tests && python -m support.torchvision_reference DIR: find or build it by hand
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     reference = TorchvisionReference(Path(sys.argv[1]))
     reference.start_building()
     reference.ready()
