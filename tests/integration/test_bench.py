@@ -1,5 +1,6 @@
 """`blip-bench run --quick`: the benchmark runs end to end on the demo model (CI's smoke test of it), and what it
-reports is consistent: every caption of the service equals transformers', and the files are written."""
+reports is consistent: every caption of the service (recorded as the benchmark receives it) equals transformers' own,
+computed by the test, and the files are written."""
 
 from __future__ import annotations
 
@@ -7,24 +8,50 @@ import json
 
 import pytest
 
+from blip_bench import benchmark
 from blip_bench.cli import main
+from blip_server.model_store import demo_checkpoint
 from blip_server.shared.cpu_turns import available_cores
+from support import reference
 
 
-def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path):
+def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path, monkeypatch):
+    # The service's answers as the benchmark receives them, row by row (results.json keeps only their share).
+    answered: dict[str, list[str]] = {}
+
+    def recording(name, ask, images, concurrency, **extra):
+        row, answers = measure(name, ask, images, concurrency, **extra)
+        answered[name] = answers
+        return row, answers
+
+    measure = benchmark._measure
+    monkeypatch.setattr(benchmark, "_measure", recording)
     assert main(["run", "--quick", "--images", "6", "--tokens", "8", "--repeat-share", "0,0.5",
                  "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    # What the name promises, checked here rather than through the benchmark's own comparison: every caption the
+    # service returned (both routes, every concurrency) is transformers' own for the same image and settings
+    # (the quick run's images, 3 beams, exactly 8 new tokens), computed by the test with transformers.
+    checkpoint = str(demo_checkpoint())
+    expected = [reference.caption(checkpoint, image, num_beams=3, max_new_tokens=8, min_new_tokens=8)[0][0]
+                for image in benchmark._scenes(6)]
+    service_rows = [name for name in answered if name.startswith("service fp32 via") and "repeated" not in name]
+    assert len(service_rows) == 4
+    for name in service_rows:
+        assert answered[name] == expected, name
     assert [r["batch"] for r in results["transformers"]] == [1, 4]
     assert results["cpu_threads"] == available_cores()  # transformers' threads: those the service's models start
-    # transformers one by one again at the end (how far the machine drifted): the same captions, timed anew
+    # transformers one by one again at the end (how far the machine drifted): the same captions as its first run
+    # (transformers against itself: a check of the drift row, not of the service), timed anew
     again = results["transformers_again"]
     assert again["batch"] == 1 and again["identical_share"] == 1.0 and again["seconds"] > 0
     rows = results["service"]["fp32"]["rows"]
     assert {(r["route"], r["concurrency"]) for r in rows} == {
         (route, c) for route in ("gateway", "triton") for c in (1, 4)}
     for row in rows:
+        # the benchmark's own comparison agrees with the test's
         assert row["identical_share"] == 1.0 and row["identical_to"] == "transformers"
+        assert answered[row["name"]] == expected
         assert row["captions"] == 6 and row["captions_per_second"] > 0
         assert row["models"]["text_decoder"]["executions"] > 0 and row["decoder_floor_s_per_caption"] > 0
         # Triton's statistics cover the measured captions, not the warm-up's (the decoder counts a request again
