@@ -53,7 +53,7 @@ from blip_server.model_configs import (
     write_option_configs,
     write_python_gpu_configs,
 )
-from blip_server.repository import MANIFEST, SHARED_MODULES, read_manifest, shared_directory, template_directory
+from blip_server.repository import MANIFEST, SHARED_BY_MODEL, read_manifest, shared_directory, template_directory
 from blip_server.repository_copy import RepositoryCopyError, check_replaceable, replace_directory
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,9 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
     _write_json(preprocess / "image_processor.json", images)
     _write_json(preprocess / "preprocess.json", {"bos_token_id": text_config.bos_token_id,
                                                  "max_position_embeddings": text_config.max_position_embeddings})
-    # One source for option and image checks (the gateway, preprocess and text_decoder use the same code), and
-    # for the turns the encoder and the decoder take on the CPU cores.
-    for directory, modules in ((preprocess, SHARED_MODULES),
-                               (decoder, ("generation_options.py", "cpu_turns.py")),
-                               (encoder, ("cpu_turns.py",))):
+    for model, modules in SHARED_BY_MODEL.items():
         for module in modules:
-            shutil.copy2(shared_directory() / module, directory / module)
+            shutil.copy2(shared_directory() / module, output / model / "1" / module)
 
     add_parameters(output / "preprocess" / "config.pbtxt", "What is served (blip-export); GetModelInfo reports it.",
                    source_checkpoint=checkpoint, precision=options.precision,

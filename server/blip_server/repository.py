@@ -10,8 +10,15 @@ from google.protobuf import text_format
 from blip_server.errors import ModelNotFoundError
 from blip_server.repository_copy import MANIFEST
 
-# The modules of blip_server.shared that the export copies into the models.
-SHARED_MODULES = ("generation_options.py", "image_header.py")
+# The modules of blip_server.shared that the export copies next to each model's own (its version folder): option
+# and image checks (the gateway, preprocess and text_decoder use the same code), and the turns the encoder and
+# the decoder take on the CPU cores.
+SHARED_BY_MODEL = {
+    "preprocess": ("generation_options.py", "image_header.py"),
+    "text_decoder": ("generation_options.py", "cpu_turns.py"),
+    "vision_encoder": ("cpu_turns.py",),
+}
+SHARED_MODULES = tuple(sorted({module for modules in SHARED_BY_MODEL.values() for module in modules}))
 MODELS = ("preprocess", "vision_encoder", "text_decoder", "blip_caption")
 ENSEMBLE = "blip_caption"
 
