@@ -498,7 +498,7 @@ def test_checkov_finds_nothing_in_the_deployment_files():
 
 # The model repository, the shared modules blip-export copies into every repository (SHARED_MODULES, named one by
 # one so that a module renamed or moved out of shared/ fails here instead of going unchecked, and the rest of
-# shared/: the export copies cpu_turns.py too), and blip-tritonserver's files.
+# shared/), and blip-tritonserver's files.
 SHARED = ROOT / "server" / "blip_server" / "shared"
 PYTHON_3_10 = [ROOT / "model_repository", *(SHARED / module for module in SHARED_MODULES), SHARED,
                ROOT / "server" / "blip_server" / "triton_command.py", ROOT / "server" / "blip_server" / "memory.py"]
