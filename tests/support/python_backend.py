@@ -35,22 +35,30 @@ class InferenceResponse:
         self.error = error
 
 
-class _Metric:
+class Metric:
+    """A metric's value as Triton would export it: counters summed, gauges set."""
+
+    def __init__(self):
+        self.value = 0.0
+
     def increment(self, value):
-        pass
+        self.value += value
 
     def set(self, value):
-        pass
+        self.value = value
 
 
 class MetricFamily:
     COUNTER, GAUGE = "counter", "gauge"
+    # The latest metric of each family, by name: what the last model loaded reports.
+    metrics: dict[str, Metric] = {}
 
     def __init__(self, name, description, kind):
-        pass
+        self.name = name
 
     def Metric(self):  # noqa: N802 - Triton's name
-        return _Metric()
+        metric = MetricFamily.metrics[self.name] = Metric()
+        return metric
 
 
 def pb_utils(get_input: Callable[[object, str], Tensor | None]) -> types.ModuleType:

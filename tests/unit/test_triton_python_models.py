@@ -114,6 +114,32 @@ def test_the_decoder_answers_cancelled_and_expired_requests_cancelled_and_the_ot
         model.finalize()
 
 
+def test_a_loop_emptied_by_cancellation_reports_its_steps_and_nothing_in_flight(repositories, monkeypatch):
+    from generation_options import GenerationOptions
+
+    # No step follows the cancellation that empties the loop: the counts must be handed over all the same.
+    model = _load(monkeypatch, repositories["standard"], "text_decoder", _CANCELLATION_CHECK_SECONDS=0.0,
+                  _METRICS_SECONDS=3600.0)
+    try:
+        config = model.decoder.config
+        options = GenerationOptions(num_beams=2, min_new_tokens=12, max_new_tokens=12)
+        request = _Request({"IMAGE_EMBEDS": torch.randn(1, 6, config.encoder_hidden_size).numpy(),
+                            "PROMPT_IDS": np.array([[config.bos_token_id]], dtype=np.int64),
+                            "GENERATION_OPTIONS": np.array([[options.to_json().encode()]], dtype=np.object_)},
+                           cancelled_after=3)
+        model.execute([request])
+        assert request.sender.answered.wait(60)
+        assert request.sender.responses[0][0].error.code == TritonError.CANCELLED
+        metrics = python_backend.MetricFamily.metrics
+        deadline = time.monotonic() + 30  # the loop's thread hands them over just after it answers
+        while metrics["blip_decoder_steps"].value == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 1 <= metrics["blip_decoder_steps"].value < 12
+        assert metrics["blip_decoder_requests_in_flight"].value == 0
+    finally:
+        model.finalize()
+
+
 # -- preprocess: one request per execution, each answered on its own ------------------------------------------
 
 

@@ -112,8 +112,11 @@ class _Metrics:
         self.pending_rows += rows
         self.pending_steps += 1
         self.pending_seconds += seconds
-        if in_flight and time.monotonic() - self.sent < _METRICS_SECONDS:
-            return
+        if not in_flight or time.monotonic() - self.sent >= _METRICS_SECONDS:
+            self.flush(in_flight)
+
+    def flush(self, in_flight: int) -> None:
+        """Hand the counts kept so far and the requests now in flight to Triton."""
         self.sent = time.monotonic()
         try:
             self.rows.increment(self.pending_rows)
@@ -234,12 +237,15 @@ class TritonPythonModel:
                 now, ask_triton = time.time(), time.monotonic() - asked >= _CANCELLATION_CHECK_SECONDS
                 if ask_triton:
                     asked = time.monotonic()
-                for key in [k for k, p in self.pending.items() if p.ended(now, ask_triton)]:
+                ended = [k for k, p in self.pending.items() if p.ended(now, ask_triton)]
+                for key in ended:
                     pb_utils.Logger.log_info("text_decoder: stopped decoding a request: cancelled or past its "
                                              "deadline")
                     self.loop.cancel(key)
                     self.pending.pop(key).send(_error("the request was cancelled or its deadline passed",
                                                       pb_utils.TritonError.CANCELLED))
+                if ended and not len(self.loop):  # idle now: no step will hand the counts over
+                    self.metrics.flush(0)
                 if len(self.loop):
                     if _TEST_STEP_DELAY_SECONDS:
                         time.sleep(_TEST_STEP_DELAY_SECONDS)
@@ -254,6 +260,7 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"text_decoder: a decode step failed:\n{traceback.format_exc()}")
                 self._fail_all("decoding failed; the server log has the details", pb_utils.TritonError.INTERNAL)
                 self.loop = DecodeLoop(self.decoder, self.columns)
+                self.metrics.flush(0)
 
     def _admit(self) -> bool:
         """Add what arrived to the loop: wait for it when the loop is idle. False: finalize() said stop."""
