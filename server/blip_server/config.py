@@ -86,6 +86,11 @@ class GatewayOptions:
                                                                 "more wait their turn (bounds the memory of bursts of "
                                                                 "large images)")
     stream_window: int = option(16, "images of one CaptionStream in flight at once")
+    max_wait_for_ready: float = option(60.0, "seconds a call may wait, in all, for a Triton replica to be ready "
+                                             "(while none is: a restart, an outage; a call whose replica died under "
+                                             "it waits so to be sent again), never past its deadline; then it is "
+                                             "answered UNAVAILABLE. Waiting calls count in "
+                                             "--max-concurrent-requests; 0: no wait (UNAVAILABLE at once)")
     shutdown_grace: float = option(10.0, "seconds in-flight calls may take to finish on shutdown")
     health_interval: float = option(1.0, "seconds between readiness checks of each Triton replica")
     health_timeout: float = option(2.0, "seconds a Triton replica may take to answer a readiness check before it "

@@ -1,5 +1,6 @@
-"""Faults through the real stack: a killed Python-backend stub of each kind, a hung (SIGSTOPped) Triton, SIGTERM
-under load, a second signal, a full server; Triton's administrative APIs closed; TLS, mutual TLS and API keys."""
+"""Faults through the real stack: a killed Python-backend stub of each kind, a hung (SIGSTOPped) Triton, each
+waited out (under load too: no call lost), SIGTERM under load, a second signal, a full server; Triton's
+administrative APIs closed; TLS, mutual TLS and API keys."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from blip_bench.processes import decoder_counters
-from blip_client import CaptionClient, CaptionError, GenerationOptions, ResourceExhaustedError, UnavailableError
+from blip_client import (
+    CaptionClient,
+    CaptionError,
+    DeadlineExceededError,
+    GenerationOptions,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from blip_server import procfs
 from support import images, reference
 from support.serve import ServeProcess, wait_gone
@@ -63,10 +71,11 @@ def _stub_of(serve: ServeProcess, model: str) -> int:
 
 @pytest.mark.parametrize("fault", ["stub preprocess", "stub vision_encoder", "stub text_decoder",
                                    "SIGSTOP tritonserver"])
-def test_a_fault_is_detected_answered_unavailable_and_repaired(served, fault):
+def test_a_fault_is_detected_waited_out_and_repaired(served, fault):
     expected = reference.caption(served.checkpoint, KINDS["png"])[0][0]
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    with CaptionClient(served.address, retry=None, timeout=60) as client:
+    # No retries of the SDK's: what the caller gets is the gateway's own doing.
+    with CaptionClient(served.address, retry=None, timeout=120) as client:
         assert client.caption(KINDS["png"]).text == expected
         (triton,) = served.children()
         regions = {word for command in procfs.children(triton).values() for word in command.split()
@@ -76,23 +85,85 @@ def test_a_fault_is_detected_answered_unavailable_and_repaired(served, fault):
             os.kill(triton, signal.SIGSTOP)
         else:
             os.kill(_stub_of(served, fault.split()[1]), signal.SIGKILL)
-        outcomes = []
-        while _status(served.address) != NOT_SERVING:  # calls until the outage is noticed
-            try:
-                outcomes.append(client.caption(KINDS["png"], timeout=20).text)
-            except CaptionError as error:
-                outcomes.append(error)
-            assert len(outcomes) < 50
-        _wait_for(lambda: _status(served.address) == NOT_SERVING, 1, "health says NOT_SERVING")
-        with pytest.raises(UnavailableError):  # during the outage: retryable, never INTERNAL
-            client.caption(KINDS["png"])
-        _wait_for(lambda: _status(served.address) == SERVING, 180, "Triton is restarted and SERVING again")
+        _wait_for(lambda: _status(served.address) == NOT_SERVING, 60, "health says NOT_SERVING")
+        # During the outage: the call waits for the restart and gets its caption, never UNAVAILABLE or INTERNAL.
         assert client.caption(KINDS["png"]).text == expected
-    assert all(o == expected or isinstance(o, UnavailableError) for o in outcomes), outcomes
+        _wait_for(lambda: _status(served.address) == SERVING, 60, "health says SERVING again")
     log = served.log()
     assert ("died" if fault.startswith("stub") else "hung or stopped") in log and "Triton is ready again" in log
     assert wait_gone(triton, timeout=10), "the old Triton's processes outlived the restart"
     assert not [r for r in regions if (Path("/dev/shm") / r).exists()], "the old Triton's shared memory was left"
+
+
+def test_under_load_with_the_sdks_defaults_restarts_of_triton_and_of_each_stub_lose_no_call(repositories, checkpoints,
+                                                                                             tmp_path, monkeypatch):
+    """tritonserver, then the stub of each model, killed with SIGKILL under load: every call ends with its caption
+    (those in flight at the kill are sent again once Triton is back, those arriving meanwhile wait for it), none
+    UNAVAILABLE; a call whose deadline is shorter than the outage ends DEADLINE_EXCEEDED."""
+    # Each decode step sleeps (the decoder's test-only knob), so calls are in Triton when each fault strikes.
+    monkeypatch.setenv("BLIP_TEST_STEP_DELAY_SECONDS", "0.05")
+    serve = ServeProcess("--model", str(repositories["standard"]), "--health-interval", "0.5",
+                         "--response-cache-mb", "0", cache=tmp_path)
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    used = ["png", "jpeg", "webp", "bmp"]
+    expected = {kind: reference.caption(str(checkpoints["standard"]), KINDS[kind])[0][0] for kind in used}
+    outcomes: list[tuple[str, object]] = []
+    stop = threading.Event()
+
+    def load(offset: int) -> None:
+        with CaptionClient(serve.address) as client:  # the SDK's defaults: its timeout and retry policy
+            i = offset
+            while not stop.is_set():
+                kind = used[i % len(used)]
+                try:
+                    outcomes.append((kind, client.caption(KINDS[kind]).text))
+                except CaptionError as error:
+                    outcomes.append((kind, error))
+                i += 1
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    short = []
+    try:
+        serve.wait_ready()
+        for worker in workers:
+            worker.start()
+        for fault in ["tritonserver", "preprocess", "vision_encoder", "text_decoder"]:
+            (triton,) = serve.children()
+            before = len(outcomes)
+            steps = decoder_counters(serve.ports["metrics"])["steps"]
+            _wait_for(lambda before=before, steps=steps: len(outcomes) >= before + 4
+                      and decoder_counters(serve.ports["metrics"])["steps"] > steps, 120,
+                      f"calls are answered and decoded before killing {fault}")
+            os.kill(triton if fault == "tritonserver" else _stub_of(serve, fault), signal.SIGKILL)
+            _wait_for(lambda: _status(serve.address) == NOT_SERVING, 60, f"the death of {fault} is noticed")
+            with CaptionClient(serve.address) as client:  # a deadline shorter than any restart of Triton
+                try:
+                    short.append(client.caption(KINDS["png"], timeout=0.5))
+                except CaptionError as error:
+                    short.append(error)
+            _wait_for(lambda: _status(serve.address) == SERVING, 120, f"Triton is back after the death of {fault}")
+            restarted = len(outcomes)
+            _wait_for(lambda restarted=restarted: len(outcomes) >= restarted + 4, 120,
+                      f"calls are answered after the death of {fault}")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(150)
+        metrics = serve.metrics() if serve.process.poll() is None else {}
+        code, log = serve.stop()
+    assert not any(worker.is_alive() for worker in workers), "a call was never answered"
+    failed = [(kind, outcome) for kind, outcome in outcomes if not isinstance(outcome, str)]
+    assert not failed, failed[:5]
+    wrong = [(kind, text) for kind, text in outcomes if text != expected[kind]]
+    assert not wrong, wrong[:5]
+    assert all(isinstance(call, DeadlineExceededError) for call in short), short
+    assert not metrics.get(("blip_gateway_requests_total",
+                            (("code", "UNAVAILABLE"), ("method", "Caption"), ("model", "standard")))), \
+        "the gateway answered UNAVAILABLE (the SDK retried it)"
+    assert metrics.get(("blip_gateway_requests_total",
+                        (("code", "DEADLINE_EXCEEDED"), ("method", "Caption"), ("model", "standard")))) == 4
+    assert code == 0, log
+    assert log.count("Triton is ready again") == 4, log
 
 
 def test_triton_administrative_apis_are_closed_and_serving_apis_open(servers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from blip_server.ensemble import CaptionText
 from blip_server.gateway import status_mapping
@@ -41,17 +42,18 @@ class FakeCaptioner(Captioner):
     async def ready(self):
         return True
 
-    async def models(self):
+    async def models(self, deadline=None):
         return MODELS
 
-    async def describe(self, name=""):
+    async def describe(self, name="", deadline=None):
         model = await self.model(name)
         return ModelDescription(model.name, f"/checkpoint/{model.name}", 384, 384, "fp32", {"num_beams": 3},
                                 {"max_num_beams": 8, "max_new_tokens": 64, "max_num_return_sequences": 8,
                                  "max_no_repeat_ngram_size": 16})
 
-    async def _infer(self, job, timeout, triton_model="blip_caption"):
-        self.seen.append((job, timeout))
+    async def _infer(self, job, deadline, triton_model="blip_caption"):
+        # What was seen: the job and the seconds left to its deadline (None: none).
+        self.seen.append((job, None if deadline is None else deadline - time.monotonic()))
         if job.prompt.startswith("fail:"):
             raise FAILURES[job.prompt[5:]]
         if job.prompt == "crash":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -176,7 +177,7 @@ class _ServedConfigs(Captioner):
     async def ready(self):
         return True
 
-    async def _config(self, model):
+    async def _config(self, model, deadline=None):
         return self.configs[model]
 
 
@@ -288,9 +289,9 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
     captioner = Captioner(pool, GatewayLimits())
     job = CaptionJob(IMAGE, "", {}, "")
     with pytest.raises(status_mapping.DeadlineExceeded):
-        asyncio.run(captioner._infer(job, timeout=0.01))
+        asyncio.run(captioner._infer(job, deadline=time.monotonic() + 0.01))
     with pytest.raises(status_mapping.Cancelled):
-        asyncio.run(captioner._infer(job, timeout=10))
+        asyncio.run(captioner._infer(job, deadline=time.monotonic() + 10))
 
 
 def _held_call(gateway, captioner, finished) -> threading.Thread:

@@ -1,5 +1,6 @@
-"""The gateway's replica pool with scripted Triton clients: endpoints, balancing, one retry on UNAVAILABLE,
-health, DNS. (Real replicas being killed and restarted: tests/integration/test_failover.py.)"""
+"""The gateway's replica pool with scripted Triton clients: endpoints, balancing, sending again on UNAVAILABLE,
+waiting for a ready replica, health, DNS. (Real replicas being killed and restarted:
+tests/integration/test_failover.py.)"""
 
 from __future__ import annotations
 
@@ -139,12 +140,27 @@ def test_other_internal_failures_are_not_retried():
     assert all(r.up for r in pool.replicas.values())
 
 
-def test_a_call_is_tried_at_most_twice():
-    a, b = ScriptedTriton("a", [unavailable()]), ScriptedTriton("b", [unavailable()])
-    pool = pool_of(a, b)
+def test_a_call_is_sent_at_most_max_sends_times():
+    a, b = ScriptedTriton("a", [unavailable()] * 5), ScriptedTriton("b", [unavailable()] * 5)
+    pool = pool_of(a, b, max_sends=3)
     with pytest.raises(InferenceServerException, match="Socket closed"):
-        call(pool)
-    assert (a.calls, b.calls) == (1, 1)
+        asyncio.run(_call_bringing_replicas_back(pool))
+    assert a.calls + b.calls == 3
+
+
+async def _call_bringing_replicas_back(pool):
+    """A call while a health check brings every replica back each time the call took one out."""
+    async def checks():
+        while True:
+            await asyncio.sleep(0.01)
+            for replica in pool.replicas.values():
+                pool._set(replica, True, "")
+
+    health = asyncio.create_task(checks())
+    try:
+        return await pool.call(lambda client: client.infer())
+    finally:
+        health.cancel()
 
 
 def test_other_failures_are_not_retried():
@@ -157,13 +173,72 @@ def test_other_failures_are_not_retried():
     assert all(r.up for r in pool.replicas.values())
 
 
-def test_a_lone_replica_that_fails_is_not_retried_and_none_up_is_no_replica():
+def test_with_no_wait_a_lone_replica_that_fails_is_no_replica():
     a = ScriptedTriton("a", [unavailable()])
-    pool = pool_of(a)
-    with pytest.raises(InferenceServerException):
+    pool = pool_of(a, max_wait=0)
+    with pytest.raises(NoReplica, match="Socket closed"):  # taken out; none left to send it to again
         call(pool)
     with pytest.raises(NoReplica):
         call(pool)
+
+
+def test_a_call_waits_for_a_replica_to_be_up_and_is_then_sent():
+    a = ScriptedTriton("a")
+    pool = pool_of(a)
+    pool.replicas["a:8001"].up = False
+
+    async def scenario():
+        waiting = asyncio.create_task(pool.call(lambda client: client.infer(), 30))
+        await until(lambda: pool._waiting, "the call waits")
+        assert a.calls == 0 and not waiting.done()
+        pool._set(pool.replicas["a:8001"], True, "")  # a health check finds it ready
+        return await asyncio.wait_for(waiting, 5)
+
+    assert asyncio.run(scenario()) == "a" and a.calls == 1
+
+
+def test_a_call_whose_lone_replica_dies_under_it_is_sent_again_once_the_replica_is_back():
+    a = ScriptedTriton("a", [unavailable()])
+    pool = pool_of(a)
+
+    async def scenario():
+        sent = asyncio.create_task(pool.call(lambda client: client.infer(), 30))
+        await until(lambda: pool._waiting, "the call waits for the replica it failed on")
+        assert a.calls == 1 and not pool.replicas["a:8001"].up
+        pool._set(pool.replicas["a:8001"], True, "")
+        return await asyncio.wait_for(sent, 5)
+
+    assert asyncio.run(scenario()) == "a" and a.calls == 2
+
+
+def test_a_dead_stub_is_waited_out_like_unavailable():
+    a = ScriptedTriton("a", [dead_stub(), dead_stub()])
+    pool = pool_of(a)
+    assert asyncio.run(_call_bringing_replicas_back(pool)) == "a" and a.calls == 3
+
+
+def test_waiting_ends_at_the_deadline_or_max_wait_with_no_replica():
+    pool = pool_of(ScriptedTriton("a"), max_wait=0.2)
+    pool.replicas["a:8001"].up = False
+    with pytest.raises(NoReplica, match="deadline"):
+        asyncio.run(pool.call(lambda client: client.infer(), 0.05))
+    assert not pool._waiting
+    with pytest.raises(NoReplica, match="within 0.2 s"):  # no deadline: max_wait bounds it
+        asyncio.run(pool.call(lambda client: client.infer()))
+
+
+def test_closing_the_pool_ends_the_calls_waiting_for_a_replica():
+    pool = pool_of(ScriptedTriton("a"))
+    pool.replicas["a:8001"].up = False
+
+    async def scenario():
+        waiting = asyncio.create_task(pool.call(lambda client: client.infer()))
+        await until(lambda: pool._waiting, "the call waits")
+        await pool.close()
+        with pytest.raises(NoReplica, match="stopping"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(scenario())
 
 
 def test_health_checks_take_replicas_out_and_bring_them_back_and_report_changes():
@@ -356,10 +431,10 @@ def test_after_the_grace_a_draining_replica_is_closed_its_calls_cancelled_and_re
     assert "drain grace of 0.05 s is over; closing its channel cancels its 1 calls still in flight" in caplog.text
 
 
-def test_a_call_cancelled_by_the_end_of_a_drain_with_no_other_replica_is_unavailable():
+def test_a_call_cancelled_by_the_end_of_a_drain_with_no_other_replica_waits_for_one_then_is_no_replica():
     a = ScriptedTriton("a", [HOLD])
     answer = ["a"]
-    pool = dns_pool(answer, a, drain_grace=0.05)
+    pool = dns_pool(answer, a, drain_grace=0.05, max_wait=0.2)
 
     async def scenario():
         held = asyncio.create_task(pool.call(lambda client: client.infer()))
@@ -371,9 +446,8 @@ def test_a_call_cancelled_by_the_end_of_a_drain_with_no_other_replica_is_unavail
         finally:
             await pool.close()
 
-    with pytest.raises(InferenceServerException, match="was closed during the call") as error:
+    with pytest.raises(NoReplica, match="within 0.2 s; the last failure: .*was closed during the call"):
         asyncio.run(scenario())
-    assert error.value.status() == "StatusCode.UNAVAILABLE"
 
 
 def test_a_caller_cancelling_its_call_on_a_draining_replica_stays_cancelled():

@@ -106,7 +106,7 @@ class _Configs(Captioner):
         self.configs = configs
         self.reads = 0
 
-    async def _config(self, model):
+    async def _config(self, model, deadline=None):
         self.reads += 1
         return self.configs[model]
 

@@ -6,7 +6,10 @@ read from their config parameters with the same code and check again (with the p
 only they know); INVALID_ARGUMENT names the option and its range. The gateway also checks the request's size
 and its own capacity.
 The caller's deadline becomes the Triton call's timeout, and a cancelled call cancels the Triton request. Calls
-go through the ReplicaPool (one replica in blip-serve, any number behind blip-gateway).
+go through the ReplicaPool (one replica in blip-serve, any number behind blip-gateway), which waits out an outage
+(no replica ready; a replica that dies under a call) within the call's deadline and the pool's `max_wait`: a call
+whose deadline passes meanwhile gets DEADLINE_EXCEEDED, one that waited `max_wait` UNAVAILABLE. Waiting calls
+count among the images in flight (`max_concurrent_requests`).
 
 A replica may serve several models (`blip_server.served_models`): the default ensemble's config lists them
 (`ensemble.CATALOG_PARAMETER`), read once from a replica and again when a request names a model not in it (at most
@@ -104,10 +107,17 @@ class Captioner:
         """Whether any Triton replica is ready (checks them all once)."""
         return await self.replicas.refresh()
 
-    async def _call(self, request: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
+    async def _call(self, request: Callable[[triton_aio.InferenceServerClient], Awaitable[T]],
+                    deadline: float | None = None) -> T:
+        """`request` through the replicas; `deadline`: the caller's, in time.monotonic()'s seconds (None: none)."""
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("the deadline passed before the request could be sent")
         try:
-            return await self.replicas.call(request)
+            return await self.replicas.call(request, timeout)
         except NoReplica as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"the deadline passed while waiting for the inference server ({exc})") from None
             raise Unavailable(f"the inference server is unavailable ({exc})") from None
 
     def check(self, job: CaptionJob) -> None:
@@ -123,51 +133,52 @@ class Captioner:
         except ImageError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    async def models(self) -> list[ServedModel]:
+    async def models(self, deadline: float | None = None) -> list[ServedModel]:
         """The models the replicas serve, the default first (read from one replica, once)."""
         if self._catalog is None:
-            self._catalog = await self._read_catalog()
+            self._catalog = await self._read_catalog(deadline)
             self._catalog_read_at = time.monotonic()
         return self._catalog
 
-    async def model(self, name: str) -> ServedModel:
+    async def model(self, name: str, deadline: float | None = None) -> ServedModel:
         """The served model called `name` (empty: the default); NotFound when none is."""
-        catalog = await self.models()
+        catalog = await self.models(deadline)
         stale = time.monotonic() - self._catalog_read_at > CATALOG_REFRESH
         if name and name not in {m.name for m in catalog} and stale:
             self._catalog = None  # the replicas may serve other models now (a rollout): read them again
             self._descriptions.clear()
-            catalog = await self.models()
+            catalog = await self.models(deadline)
         for model in catalog:
             if model.name == name or (not name and model.default):
                 return model
         raise NotFound(f"no model named {name!r} is served; ListModels lists them "
                        f"({', '.join(m.name for m in catalog)})")
 
-    async def _config(self, model: str) -> dict[str, Any]:
+    async def _config(self, model: str, deadline: float | None = None) -> dict[str, Any]:
         """A Triton model's config (as JSON) from a replica."""
         try:
-            config: dict[str, Any] = await self._call(lambda client: client.get_model_config(model, as_json=True))
+            config: dict[str, Any] = await self._call(lambda client: client.get_model_config(model, as_json=True),
+                                                      deadline)
         except InferenceServerException as exc:
             raise Unavailable(f"the inference server is unavailable ({exc.message()})") from exc
         found: dict[str, Any] = config["config"]
         return found
 
-    async def _read_catalog(self) -> list[ServedModel]:
-        params = (await self._config(ensemble.MODEL)).get("parameters", {})
+    async def _read_catalog(self, deadline: float | None = None) -> list[ServedModel]:
+        params = (await self._config(ensemble.MODEL, deadline)).get("parameters", {})
         listed = params.get(ensemble.CATALOG_PARAMETER, {}).get("string_value", "")
         if listed:
             return [ServedModel(m["name"], m["ensemble"], m["preprocess"], default=i == 0)
                     for i, m in enumerate(json.loads(listed))]
         # One export served as it was exported: named after its checkpoint's folder.
-        source = (await self._config("preprocess")).get("parameters", {}).get("source_checkpoint", {})
+        source = (await self._config("preprocess", deadline)).get("parameters", {}).get("source_checkpoint", {})
         name = PurePath(source.get("string_value", "")).name or ensemble.MODEL
         return [ServedModel(name, ensemble.MODEL, "preprocess", default=True)]
 
-    async def check_options(self, job: CaptionJob) -> GenerationOptions:
+    async def check_options(self, job: CaptionJob, deadline: float | None = None) -> GenerationOptions:
         """The options against the served defaults and limits (preprocess checks them again, with the prompt's
         token count, which only it knows); returns them resolved."""
-        description = await self.describe(job.model)
+        description = await self.describe(job.model, deadline)
         limits = GenerationLimits(**{name: description.limits[name] for name in GenerationLimits.names()})
         try:
             resolved = GenerationOptions(**description.defaults).with_values(**job.options)
@@ -178,7 +189,7 @@ class Captioner:
 
     async def caption(self, job: CaptionJob, timeout: float | None) -> CaptionResult:
         self.check(job)
-        model = await self.model(job.model)
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self.in_flight >= self.limits.max_concurrent_requests:
             raise ResourceExhausted(
                 f"the server is at capacity ({self.limits.max_concurrent_requests} images in flight); retry later"
@@ -187,24 +198,26 @@ class Captioner:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
         self.in_flight += 1
         try:
-            if (await self.check_options(job)).do_sample and job.options.get("seed") is None:
+            model = await self.model(job.model, deadline)  # waits, as the call does, while no replica is ready
+            if (await self.check_options(job, deadline)).do_sample and job.options.get("seed") is None:
                 # An unseeded sample is one with a random seed: drawn here, so that Triton's response cache, keyed
                 # by the inputs, never answers it with an earlier sample (docs/architecture.md, "Response cache").
                 job = replace(job, options={**job.options, "seed": secrets.randbits(63)})
-            async with self._bytes_in_flight(len(job.image), timeout):
-                captions = await self._infer(job, timeout, model.ensemble)
+            async with self._bytes_in_flight(len(job.image), deadline):
+                captions = await self._infer(job, deadline, model.ensemble)
         finally:
             self.in_flight -= 1
         return CaptionResult(captions, job.request_id, model.name)
 
     @contextlib.asynccontextmanager
-    async def _bytes_in_flight(self, size: int, timeout: float | None) -> AsyncIterator[None]:
+    async def _bytes_in_flight(self, size: int, deadline: float | None) -> AsyncIterator[None]:
         """Wait until `size` more bytes fit the budget (an image larger than all of it goes alone)."""
         limit = self.limits.max_image_bytes_in_flight
         async with self._room:
             try:
                 await asyncio.wait_for(self._room.wait_for(
-                    lambda: self.bytes_in_flight == 0 or self.bytes_in_flight + size <= limit), timeout)
+                    lambda: self.bytes_in_flight == 0 or self.bytes_in_flight + size <= limit),
+                    None if deadline is None else deadline - time.monotonic())
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("the deadline passed while the image waited for its turn") from None
             self.bytes_in_flight += size
@@ -215,37 +228,38 @@ class Captioner:
                 self.bytes_in_flight -= size
                 self._room.notify_all()
 
-    async def _infer(self, job: CaptionJob, timeout: float | None,
+    async def _infer(self, job: CaptionJob, deadline: float | None,
                      triton_model: str = ensemble.MODEL) -> list[ensemble.CaptionText]:
+        """`deadline`: the caller's, in time.monotonic()'s seconds (None: none)."""
         # The deadline travels twice: as the Triton call's own timeout, and as a request parameter the decoder
-        # checks while it decodes (Triton cancels an ensemble only between its steps).
-        deadline = time.time() + timeout if timeout is not None else None
-        parameters = {"deadline_unix_ms": int(deadline * 1000)} if deadline is not None else None
+        # checks while it decodes (Triton cancels an ensemble only between its steps), in Unix time.
+        unix = None if deadline is None else time.time() + (deadline - time.monotonic())
+        parameters = {"deadline_unix_ms": int(unix * 1000)} if unix is not None else None
         inputs = ensemble.inputs(triton_aio, job.image, job.prompt or None, **job.options)
 
-        async def infer(client: triton_aio.InferenceServerClient) -> Any:  # on a retry, only the time left remains
-            left = None if deadline is None else max(0.001, deadline - time.time())
+        async def infer(client: triton_aio.InferenceServerClient) -> Any:  # sent again: only the time left remains
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
             with tracing.triton_call(triton_model) as headers:  # a span and its traceparent, when tracing is on
                 return await client.infer(triton_model, inputs, outputs=ensemble.outputs(triton_aio),
                                           client_timeout=left, parameters=parameters, headers=headers)
 
         try:
-            result = await self._call(infer)
+            result = await self._call(infer, deadline)
         except InferenceServerException as exc:
             error = from_triton(exc)
-            if isinstance(error, Cancelled) and deadline is not None and time.time() >= deadline:
+            if isinstance(error, (Cancelled, Unavailable)) and deadline is not None and time.monotonic() >= deadline:
                 # The decoder stopped because the caller's deadline passed, just before our own timer fired.
                 raise DeadlineExceeded("the deadline passed before the caption was ready") from exc
             raise error from exc
         return ensemble.captions(result)[0]
 
-    async def describe(self, name: str = "") -> ModelDescription:
+    async def describe(self, name: str = "", deadline: float | None = None) -> ModelDescription:
         """What is served as model `name` (empty: the default; NotFound if none is), read from a replica: its
         preprocess model's parameters (defaults, limits, and what the export recorded there: source checkpoint,
         precision, image size)."""
-        model = await self.model(name)
+        model = await self.model(name, deadline)
         if model.name not in self._descriptions:
-            config = await self._config(model.preprocess)
+            config = await self._config(model.preprocess, deadline)
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
             # What preprocess resolves unset options to and the limits it enforces, read as it reads them.
             defaults = from_parameters(GenerationOptions, params, "default_")

@@ -48,8 +48,8 @@ async def start_gateway(options: GatewayOptions, targets: tuple[str, ...], dns_r
     keys = api_keys(options)
     metrics = GatewayMetrics()
     replicas = ReplicaPool(targets, health_timeout=options.health_timeout, dns_refresh=dns_refresh,
-                           drain_grace=drain_grace, on_replica_up=metrics.set_replica,
-                           on_replica_gone=metrics.forget_replica)
+                           drain_grace=drain_grace, max_wait=options.max_wait_for_ready,
+                           on_replica_up=metrics.set_replica, on_replica_gone=metrics.forget_replica)
     limits = GatewayLimits(max_image_bytes=options.max_image_bytes, max_image_pixels=options.max_image_pixels,
                            max_image_side=options.max_image_side,
                            max_concurrent_requests=options.max_concurrent_requests,

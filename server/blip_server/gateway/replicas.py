@@ -7,11 +7,15 @@ is drained: it takes no new call at once, its calls in flight may go on for up t
 channel is closed as soon as they have ended, or at the end of the grace (cancelling what is still in flight; such
 a call is retried once elsewhere, as below). Resolved again while draining, it is back in service on the same
 channel. Every replica's readiness (the `blip_caption` ensemble ready) is checked every `health_interval` seconds
-with a timeout: a dead or hung replica is out within seconds, and back once it answers ready. A call that fails
-with UNAVAILABLE before any result (or whose replica lost a Python-backend stub) takes its replica out at once and
-is tried once more on another replica that is up (captions are idempotent). A replica can also be suspended
-(blip-serve does while it restarts its Triton): it stays out until resumed. Calls go to the up replica with the
-fewest calls in flight, ties taken in turn.
+with a timeout: a dead or hung replica is out within seconds, and back once it answers ready. A replica can also be
+suspended (blip-serve does while it restarts its Triton): it stays out until resumed. Calls go to the up replica
+with the fewest calls in flight, ties taken in turn.
+
+Calls wait out outages, as gRPC's wait-for-ready does: while no replica is up, a call waits for one, up to its
+deadline and `max_wait` seconds in all. A call that fails with UNAVAILABLE before any result (or whose replica
+lost a Python-backend stub) takes its replica out at once and is sent again (captions are idempotent): at once to
+another replica that is up, else once one is up again (its own, restarted), within the same bounds and at most
+`max_sends` times in all, so that a request that itself brings its server down is not sent for ever.
 """
 
 from __future__ import annotations
@@ -37,19 +41,24 @@ T = TypeVar("T")
 DNS_SCHEME = "dns:///"
 
 # The channel to each replica. gRPC backs off exponentially (up to 2 minutes) after failed connection attempts,
-# and a call made meanwhile fails at once: while a replica starts or restarts, retry within a second instead, so
-# it serves as soon as it is ready.
+# and a call made meanwhile fails at once: while a replica starts or restarts, retry every quarter second instead
+# (a refused connection costs next to nothing), so it serves as soon as it is ready (with 1 s, the gateway took up
+# to 0.9 s to reach a restarted Triton that was ready).
 TRITON_CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 250),
 ]
 
 
+# How many times one call may be sent (the first time included) when its replicas fail under it.
+MAX_SENDS = 4
+
+
 class NoReplica(Exception):
-    """No Triton replica is up to take a call."""
+    """No Triton replica was up to take a call within its bounds (its deadline or the pool's `max_wait`)."""
 
 
 @dataclass(eq=False)
@@ -111,6 +120,8 @@ class ReplicaPool:
     """The replicas of `targets`. Call `refresh()` to learn which are up (`Gateway.follow_triton` does, through
     `Captioner.ready`, every `--health-interval` seconds).
 
+    A call waits for an up replica up to `max_wait` seconds in all (and its own deadline); see the module.
+
     `on_replica_up(endpoint, up)` follows every health check of a replica in service; `on_replica_gone(endpoint)`
     is called when a replica leaves the resolver's answer, as its drain starts (a draining replica is no longer a
     member: it takes no call, so it is neither up nor down; if it is resolved again, `on_replica_up` reports it
@@ -122,6 +133,8 @@ class ReplicaPool:
     health_timeout: float = 2.0
     dns_refresh: float = 5.0
     drain_grace: float = 60.0
+    max_wait: float = 60.0
+    max_sends: int = MAX_SENDS
     on_replica_up: Callable[[str, bool], None] = lambda endpoint, up: None
     on_replica_gone: Callable[[str], None] = lambda endpoint: None
     resolver: Callable[[str, int], Awaitable[Iterable[str]]] = resolve
@@ -133,10 +146,16 @@ class ReplicaPool:
             raise ValueError("at least one Triton endpoint is needed")
         if self.drain_grace < 0:
             raise ValueError("the drain grace cannot be negative")
+        if self.max_wait < 0:
+            raise ValueError("the maximum wait for a ready replica cannot be negative")
+        if self.max_sends < 1:
+            raise ValueError("a call must be sent at least once")
         self._parsed = [parse_endpoint(t) for t in self.targets]
         self._turn = itertools.count()
         self._resolved_at: float | None = None
         self._drains: set[asyncio.Task[None]] = set()  # every drain task not finished yet (closing ones included)
+        self._waiting: set[asyncio.Future[None]] = set()  # calls waiting for a replica to be up
+        self._closed = False
 
     # -- membership ------------------------------------------------------------------------------------------
 
@@ -259,6 +278,28 @@ class ReplicaPool:
             log.info("Triton replica %s is %s%s", replica.endpoint, "up" if up else "down", f" ({why})" if why else "")
         replica.up = up
         self.on_replica_up(replica.endpoint, up)
+        if up:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Let every call waiting for an up replica look again."""
+        waiting, self._waiting = self._waiting, set()
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+    async def _wait_for_up(self, timeout: float) -> bool:
+        """Wait until a replica is up (True), or `timeout` seconds (False)."""
+        if self.ready:
+            return True
+        if timeout <= 0 or self._closed:
+            return False
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.add(future)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(future, timeout)  # cancels the future when the time is up
+        self._waiting.discard(future)
+        return self.ready
 
     @property
     def ready(self) -> bool:
@@ -266,31 +307,51 @@ class ReplicaPool:
 
     # -- calls -----------------------------------------------------------------------------------------------
 
-    def _pick(self, exclude: set[Replica]) -> Replica | None:
-        up = [r for r in self.replicas.values() if r.up and r not in exclude]
+    def _pick(self) -> Replica | None:
+        up = [r for r in self.replicas.values() if r.up]
         if not up:
             return None
         fewest = min(r.in_flight for r in up)
         candidates = [r for r in up if r.in_flight == fewest]
         return candidates[next(self._turn) % len(candidates)]
 
-    async def call(self, request: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
-        """`request` on an up replica; on UNAVAILABLE, that replica is taken out and the call tried once more on
-        another. Raises NoReplica when none is up, or the last InferenceServerException."""
-        tried: set[Replica] = set()
+    async def call(self, request: Callable[[triton_aio.InferenceServerClient], Awaitable[T]],
+                   timeout: float | None = None) -> T:
+        """`request` on an up replica, waiting for one while none is up (up to `timeout` seconds, None: no deadline,
+        and `max_wait` in all). On UNAVAILABLE (or a dead stub) the replica is taken out and the call sent again,
+        to another up replica or, waiting, to the first once it is up again; at most `max_sends` sends. Raises
+        NoReplica when no replica was up in time, or the last InferenceServerException once the sends are spent."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        waited = 0.0
+        sends = 0
         last_error: InferenceServerException | None = None
         while True:
-            replica = self._pick(tried)
+            replica = self._pick()
             if replica is None:
-                if last_error is not None:
+                if self._closed and last_error is not None:
                     raise last_error
-                raise NoReplica("no Triton replica is ready")
-            tried.add(replica)
+                bound = self.max_wait - waited
+                if deadline is not None:
+                    bound = min(bound, deadline - loop.time())
+                began = loop.time()
+                up = await self._wait_for_up(bound)
+                waited += loop.time() - began
+                if up:
+                    continue
+                why = "the gateway is stopping" if self._closed else (
+                    f"no Triton replica was ready within {waited:.1f} s"
+                    + (f" (the call's deadline; the most a call waits is {self.max_wait:g} s)"
+                       if deadline is not None and deadline - loop.time() <= 0 else ""))
+                if last_error is not None:
+                    why += f"; the last failure: {last_error.message()}"
+                raise NoReplica(why)
+            sends += 1
             replica.in_flight += 1
             try:
                 return await request(replica.client)
             except InferenceServerException as exc:
-                if not triton_unavailable(exc) or len(tried) >= 2:
+                if not triton_unavailable(exc) or sends >= self.max_sends:
                     raise
                 self._set(replica, False, f"a call failed: {exc.message()}")
                 last_error = exc
@@ -303,13 +364,16 @@ class ReplicaPool:
                     f"the channel to Triton replica {replica.endpoint} was closed during the call (it left the "
                     "resolver's answer and the call outlasted the drain grace, or the gateway is stopping)",
                     "StatusCode.UNAVAILABLE")
-                if len(tried) >= 2:
+                if sends >= self.max_sends or self._closed:
                     raise last_error from None
             finally:
                 replica.call_ended()
 
     async def close(self) -> None:
-        """Close every channel, draining replicas' included (their drains end now, cancelling what is in flight)."""
+        """Close every channel, draining replicas' included (their drains end now, cancelling what is in flight);
+        calls waiting for a replica end (NoReplica)."""
+        self._closed = True
+        self._wake()
         draining = list(self.draining.values())
         for replica in draining:
             if replica._drain is not None:

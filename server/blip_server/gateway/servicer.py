@@ -34,10 +34,12 @@ class CaptionServicer:
         self.captioner = captioner
         self._observe_item = observe_item  # each CaptionStream item's status code, duration and model (the metrics)
 
-    async def _model_name(self, name: str) -> str:
-        """The served name of the model a request named (raises NotFound), for the metrics' model label."""
+    async def _model_name(self, name: str, timeout: float | None = None) -> str:
+        """The served name of the model a request named (raises NotFound), for the metrics' model label; read
+        from a replica the first time, waiting for one while none is ready (up to `timeout` seconds)."""
         label_call_model(UNKNOWN_MODEL)
-        served = (await self.captioner.model(name)).name
+        deadline = None if timeout is None else time.monotonic() + timeout
+        served = (await self.captioner.model(name, deadline)).name
         label_call_model(served)
         return served
 
@@ -46,7 +48,7 @@ class CaptionServicer:
     ) -> caption_pb2.CaptionResponse:
         label_call_model(UNKNOWN_MODEL)
         job = CaptionJob.from_bytes(request)
-        await self._model_name(job.model)
+        await self._model_name(job.model, context.time_remaining())
         result = await self.captioner.caption(job, context.time_remaining())
         return result.to_pb()
 
@@ -57,7 +59,8 @@ class CaptionServicer:
             name = caption_pb2.GetModelInfoRequest.FromString(request).model
         except DecodeError:
             raise InvalidArgument("the request is not a valid blip.caption.v1.GetModelInfoRequest message") from None
-        return (await self.captioner.describe(await self._model_name(name))).to_pb()
+        timeout = context.time_remaining()
+        return (await self.captioner.describe(await self._model_name(name, timeout))).to_pb()
 
     async def ListModels(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, caption_pb2.ListModelsResponse]
@@ -89,7 +92,9 @@ class CaptionServicer:
             try:
                 job = CaptionJob.from_bytes(request)
                 request_id = job.request_id
-                model = (await self.captioner.model(job.model)).name
+                timeout = context.time_remaining()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                model = (await self.captioner.model(job.model, deadline)).name
                 result = await self.captioner.caption(job, context.time_remaining())
                 response = caption_pb2.CaptionStreamResponse(request_id=request_id, response=result.to_pb())
             except ServiceError as exc:
