@@ -2,7 +2,8 @@
 
 The gateway answers from the start; its health is NOT_SERVING until Triton is ready, and again whenever Triton
 is down. If Triton dies, loses a Python-backend stub or hangs, it is restarted (see `supervisor`; calls meanwhile
-fail with UNAVAILABLE); after too many failures in a short time blip-serve gives up and exits non-zero.
+wait for it, within their deadlines and --max-wait-for-ready, and calls it lost are sent again); after too many
+deaths in a row soon after starting, blip-serve gives up and exits non-zero.
 SIGTERM/SIGINT stop the gateway (in-flight calls get a grace period) and then Triton; a second signal kills
 Triton at once. Either way blip-serve exits only once Triton and every one of its stubs has exited.
 """
@@ -39,7 +40,7 @@ async def _reach(captioner: Captioner, timeout: float) -> None:
     while not await captioner.ready():
         if time.monotonic() > deadline:
             raise TritonStartError(f"Triton is ready but the gateway could not reach it within {timeout:.0f} s")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)
 
 
 def describe(name: str, asked: Path | None, repository: Path) -> str:
@@ -58,7 +59,7 @@ async def serve(config: ServeConfig, repository: Path, served: str = "") -> int:
     captioner = gateway.captioner
     health = asyncio.create_task(gateway.follow_triton(config.health_interval))
 
-    async def down(why: str) -> None:  # calls fail fast with UNAVAILABLE until Triton is back
+    async def down(why: str) -> None:  # calls wait (within their deadlines) until Triton is back
         captioner.replicas.suspend(endpoint, why)
         await gateway.set_serving(False)
 

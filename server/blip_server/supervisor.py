@@ -3,9 +3,15 @@
 Triton 2.51 does not restart a Python-backend stub that died: its model stays "ready" and answers every request
 with INTERNAL ("Stub process ... is not healthy") for good. So besides the server process itself, the supervisor
 watches every stub process (Triton's children) and probes Triton's readiness endpoint with a timeout: a stopped
-or deadlocked server fails the probe. On any of these it reports the outage at once (`on_down`: the gateway
-answers UNAVAILABLE meanwhile, health NOT_SERVING), kills the whole process group, and starts Triton again,
-backing off when it keeps failing; after `max_restarts` within `window` seconds it gives up.
+or deadlocked server fails the probe. On any of these it reports the outage at once (`on_down`: health goes
+NOT_SERVING and the gateway holds its calls until Triton is back, within their deadlines), kills the whole process
+group, and starts Triton again.
+
+Recovery is as fast as Triton allows: the processes are checked every `interval` seconds (a few /proc reads),
+readiness every `probe_every` checks; a fault after Triton has served `stable_after` seconds is restarted at once.
+Only deaths that follow their start quickly back off (0, 0, then 1, 2, 4, ... up to 30 s), and after `max_restarts`
+such deaths in a row the supervisor gives up. Each recovery is logged with its timings: stopping the old Triton,
+the backoff, starting the new one until it is ready.
 """
 
 from __future__ import annotations
@@ -35,25 +41,30 @@ class TritonSupervisor:
     """Runs EmbeddedTriton and restarts it when it dies, loses a stub or hangs."""
 
     def __init__(self, options: TritonOptions, *, on_down: Callable[[str], Awaitable[None]] | None = None,
-                 on_up: Callable[[], Awaitable[None]] | None = None, max_restarts: int = 5, window: float = 300.0,
-                 interval: float = 0.5, probe_timeout: float = 2.0, hung_after: int = 4):
+                 on_up: Callable[[], Awaitable[None]] | None = None, max_restarts: int = 5,
+                 stable_after: float = 10.0, interval: float = 0.1, probe_every: int = 5,
+                 probe_timeout: float = 2.0, hung_after: int = 4):
         self.options = options
         self.on_down = on_down
         self.on_up = on_up
-        self.max_restarts = max_restarts
-        self.window = window
+        self.max_restarts = max_restarts  # quick deaths in a row before giving up
+        self.stable_after = stable_after  # seconds of serving after which a death is not a quick one
         self.interval = interval
+        self.probe_every = probe_every  # process checks per readiness probe
         self.probe_timeout = probe_timeout
         self.hung_after = hung_after  # consecutive failed readiness probes
         self.triton: EmbeddedTriton | None = None
         self.stubs: dict[int, str] = {}
-        self._deaths: list[float] = []
+        self._quick_deaths = 0
+        self._ready_at = 0.0
+        self.recoveries: list[dict[str, float]] = []  # each restart's timings (seconds), as logged
 
     async def start(self) -> None:
         self.triton = EmbeddedTriton(self.options)
         self.triton.start()
         await asyncio.to_thread(self.triton.wait_ready)
         self.stubs = stubs(self.triton.pid)
+        self._ready_at = time.monotonic()
 
     def problem(self, failed_probes: int) -> str | None:
         """What is wrong with the running Triton, if anything."""
@@ -70,38 +81,54 @@ class TritonSupervisor:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Return when `stop` is set; raise TritonStartError when Triton keeps failing."""
-        failed_probes = 0
+        failed_probes, checks = 0, 0
         while not stop.is_set():
-            ready = await asyncio.to_thread(self.triton.is_ready, self.probe_timeout)
-            failed_probes = 0 if ready else failed_probes + 1
+            if checks % self.probe_every == 0:
+                ready = await asyncio.to_thread(self.triton.is_ready, self.probe_timeout)
+                failed_probes = 0 if ready else failed_probes + 1
+            checks += 1
             problem = self.problem(failed_probes)
             if problem is None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.interval)
                 continue
+            noticed = time.monotonic()
             log.error("%s", problem)
             if self.on_down is not None:
                 await self.on_down(problem.splitlines()[0])
-            await self._restart(stop)
-            failed_probes = 0
+            await self._restart(stop, noticed)
+            failed_probes, checks = 0, 0
 
-    async def _restart(self, stop: asyncio.Event) -> None:
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
+    async def _restart(self, stop: asyncio.Event, noticed: float) -> None:
+        quick = noticed - self._ready_at < self.stable_after
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
         await asyncio.to_thread(self.triton.kill)
         self.triton.cleanup()
-        if len(self._deaths) > self.max_restarts:
-            raise TritonStartError(f"Triton failed {len(self._deaths)} times in {self.window:.0f} s; giving up")
+        stopped = time.monotonic()
+        if self._quick_deaths > self.max_restarts:
+            raise TritonStartError(f"Triton failed {self._quick_deaths} times in a row, each within "
+                                   f"{self.stable_after:.0f} s of its start; giving up")
+        backoff = 0.0 if self._quick_deaths <= 2 else min(30.0, 2.0 ** (self._quick_deaths - 3))
+        if backoff:
+            log.info("Triton died %d times in a row soon after starting: restarting in %g s", self._quick_deaths,
+                     backoff)
         try:
-            await asyncio.wait_for(stop.wait(), timeout=min(30.0, 2.0 ** (len(self._deaths) - 1)))
+            await asyncio.wait_for(stop.wait(), timeout=backoff)
             return  # stopping: no restart
         except asyncio.TimeoutError:
             pass
         log.info("restarting Triton")
+        began = time.monotonic()
         await self.start()
-        log.info("Triton is ready again")
+        ready = time.monotonic()
         if self.on_up is not None:
             await self.on_up()
+        timings = {"stop": stopped - noticed, "backoff": began - stopped, "start": ready - began,
+                   "reach": time.monotonic() - ready, "total": time.monotonic() - noticed}
+        self.recoveries.append(timings)
+        log.info("Triton is ready again: %.2f s after the fault was noticed (stopping the old one %.2f s, backoff "
+                 "%.2f s, starting until ready %.2f s, the gateway reaching it %.2f s)", timings["total"],
+                 timings["stop"], timings["backoff"], timings["start"], timings["reach"])
 
     def kill(self) -> None:
         """Stop Triton and its stubs now (SIGKILL), e.g. on a second signal."""

@@ -247,7 +247,7 @@ class EmbeddedTriton:
             if self.is_ready():
                 self._note_shared_memory()
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)  # a restart waits on this: ready sooner, for a cheap local HTTP request
         self.stop()
         raise TritonStartError(
             f"tritonserver was not ready after {self.options.startup_timeout:.0f} s:\n{self.log_tail()}"
