@@ -85,3 +85,20 @@ def test_generated_code_is_current(tmp_path):
         assert filecmp.cmp(fresh, committed / fresh.relative_to(tmp_path), shallow=False), (
             f"{fresh.relative_to(tmp_path)} is stale: run python protos/generate_python.py"
         )
+
+
+def test_the_default_retry_policy_spans_a_gateway_restart_and_says_so():
+    import json
+
+    from blip_client import RetryPolicy
+    from blip_client._requests import DEFAULT_RETRY, channel_options
+
+    assert RetryPolicy() == DEFAULT_RETRY
+    assert DEFAULT_RETRY.max_attempts == 5  # gRPC's most
+    assert DEFAULT_RETRY.backoffs() == [1.0, 2.0, 4.0, 8.0]
+    assert DEFAULT_RETRY.worst_case_wait == 15.0
+    assert "up to 15 s in all" in (RetryPolicy.__doc__ or "")
+    (config,) = [value for name, value in channel_options() if name == "grpc.service_config"]
+    policy = json.loads(str(config))["methodConfig"][0]["retryPolicy"]
+    assert policy == {"maxAttempts": 5, "initialBackoff": "1.0s", "maxBackoff": "8.0s", "backoffMultiplier": 2.0,
+                      "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
