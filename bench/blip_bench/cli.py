@@ -3,6 +3,7 @@
     blip-bench run --preset large --output bench-large/   # against transformers, side by side (see benchmark)
     blip-bench run --quick --output bench-quick/          # the demo model in a minute or two
     blip-bench soak --minutes 10 --concurrency 32 --hostile 0.1 --output soak/
+    blip-bench chaos --minutes 10 --concurrency 8 --kill-every 40 --output chaos/
 """
 
 from __future__ import annotations
@@ -42,6 +43,28 @@ def _soak(args: argparse.Namespace) -> int:
               file=sys.stderr)
         failed = True
     return 1 if failed else 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from blip_bench.chaos import chaos, markdown, write
+    from blip_bench.processes import ServeProcess
+
+    with tempfile.TemporaryDirectory() as cache:
+        model = ["--model", str(args.model)] if args.model else []
+        serve = ServeProcess(*model, "--response-cache-mb", "0", *args.serve_arg, cache=Path(cache))
+        try:
+            serve.wait_ready(timeout=900)
+            report = chaos(serve, args.minutes, args.concurrency, args.kill_every, seed=args.seed)
+        finally:
+            code, log = serve.stop()
+    summary = write(report, args.output)
+    (args.output / "blip-serve.log").write_text(log)
+    text = markdown(summary)
+    (args.output / "chaos.md").write_text(text + "\n")
+    print(text)
+    if code != 0:
+        print(f"blip-serve exited {code}: see {args.output / 'blip-serve.log'}", file=sys.stderr)
+    return 1 if summary["lost"] or summary["inconsistent_captions"] or code != 0 else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -113,8 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--exclude", action="append", default=[], metavar="SAMPLE",
                       help="leave a sample of the corpus out (repeat)")
     soak.add_argument("--output", type=Path, default=Path("soak"))
+    chaos = commands.add_parser("chaos", help="load while the server's processes are killed in turn; no call may "
+                                "be lost")
+    chaos.add_argument("--model", type=Path, help="checkpoint or repository for blip-serve (default: the demo model)")
+    chaos.add_argument("--serve-arg", action="append", default=[], help="extra blip-serve argument (repeat)")
+    chaos.add_argument("--minutes", type=float, default=10.0)
+    chaos.add_argument("--concurrency", type=int, default=8)
+    chaos.add_argument("--kill-every", type=float, default=40.0, help="seconds between kills (tritonserver, then "
+                       "the preprocess, vision_encoder and text_decoder stubs, in turn)")
+    chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument("--output", type=Path, default=Path("chaos"))
     args = parser.parse_args(argv)
-    return _run(args) if args.command == "run" else _soak(args)
+    return {"run": _run, "soak": _soak, "chaos": _chaos}[args.command](args)
 
 
 if __name__ == "__main__":

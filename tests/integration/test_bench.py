@@ -110,3 +110,18 @@ def test_the_quick_benchmark_runs_and_the_service_equals_transformers(tmp_path, 
     assert repeats[(0.5, 1)]["cache_hits"] == repeats[(0.5, 1)]["cache_misses"] == 3
     assert repeats[(0.5, 4)]["cache_hits"] + repeats[(0.5, 4)]["cache_misses"] == 6
     assert "| service fp32 via gateway, 1 concurrent, 50% repeated | " in markdown and "3 of 6 |" in markdown
+
+
+def test_the_chaos_mode_kills_each_process_in_turn_and_accounts_for_every_call(tmp_path):
+    """`blip-bench chaos`, short: two kills (tritonserver, then the preprocess stub) under load; every call ends
+    with its caption, and each outage is seen and timed (detection, recovery, blip-serve's own breakdown)."""
+    code = main(["chaos", "--minutes", "0.5", "--concurrency", "2", "--kill-every", "12",
+                 "--output", str(tmp_path)])
+    summary = json.loads((tmp_path / "chaos.json").read_text())
+    assert code == 0, (summary, (tmp_path / "blip-serve.log").read_text()[-4000:])
+    assert summary["calls"] > 0 and summary["lost"] == 0 and summary["by_code"] == {"OK": summary["calls"]}
+    assert [o["fault"] for o in summary["each_outage"]] == ["tritonserver", "preprocess"]
+    for outage in summary["each_outage"]:
+        assert outage["detected"] is not None and outage["recovered"] is not None, outage
+        assert set(outage["restart"]) == {"total", "stop", "backoff", "start", "reach"}, outage
+    assert "| tritonserver | 1 |" in (tmp_path / "chaos.md").read_text()
