@@ -48,13 +48,13 @@ class CountingPool(ReplicaPool):
     def served(self, replica) -> int:
         return self.answered[id(replica.client)]
 
-    async def call(self, request):
+    async def call(self, request, timeout=None):
         async def counted(client):
             result = await request(client)
             self.answered[id(client)] += 1
             return result
 
-        return await super().call(counted)
+        return await super().call(counted, timeout)
 
 
 def _served(triton) -> int:

@@ -508,3 +508,11 @@ def test_suspended_replicas_stay_out_until_resumed_and_draining_does_not_change_
         await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_once_the_gateway_stops_a_call_failing_on_its_replica_ends_with_its_failure_instead_of_waiting():
+    a = ScriptedTriton("a", [unavailable()])
+    pool = pool_of(a)  # a wait of 60 s: the test would time out if the call waited
+    pool.stop_waiting()
+    with pytest.raises(InferenceServerException, match="Socket closed"):
+        asyncio.run(asyncio.wait_for(pool.call(lambda client: client.infer(), 30), 5))

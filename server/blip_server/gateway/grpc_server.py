@@ -70,6 +70,7 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         self._trimming.cancel()
+        self.captioner.replicas.stop_waiting()  # calls in flight may finish; none waits for a replica any more
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.captioner.close()

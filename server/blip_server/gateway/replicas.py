@@ -155,7 +155,7 @@ class ReplicaPool:
         self._resolved_at: float | None = None
         self._drains: set[asyncio.Task[None]] = set()  # every drain task not finished yet (closing ones included)
         self._waiting: set[asyncio.Future[None]] = set()  # calls waiting for a replica to be up
-        self._closed = False
+        self._stopping = False
 
     # -- membership ------------------------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ class ReplicaPool:
         """Wait until a replica is up (True), or `timeout` seconds (False)."""
         if self.ready:
             return True
-        if timeout <= 0 or self._closed:
+        if timeout <= 0 or self._stopping:
             return False
         future = asyncio.get_running_loop().create_future()
         self._waiting.add(future)
@@ -329,7 +329,7 @@ class ReplicaPool:
         while True:
             replica = self._pick()
             if replica is None:
-                if self._closed and last_error is not None:
+                if self._stopping and last_error is not None:
                     raise last_error
                 bound = self.max_wait - waited
                 if deadline is not None:
@@ -339,7 +339,7 @@ class ReplicaPool:
                 waited += loop.time() - began
                 if up:
                     continue
-                why = "the gateway is stopping" if self._closed else (
+                why = "the gateway is stopping" if self._stopping else (
                     f"no Triton replica was ready within {waited:.1f} s"
                     + (f" (the call's deadline; the most a call waits is {self.max_wait:g} s)"
                        if deadline is not None and deadline - loop.time() <= 0 else ""))
@@ -364,16 +364,21 @@ class ReplicaPool:
                     f"the channel to Triton replica {replica.endpoint} was closed during the call (it left the "
                     "resolver's answer and the call outlasted the drain grace, or the gateway is stopping)",
                     "StatusCode.UNAVAILABLE")
-                if sends >= self.max_sends or self._closed:
+                if sends >= self.max_sends or self._stopping:
                     raise last_error from None
             finally:
                 replica.call_ended()
 
+    def stop_waiting(self) -> None:
+        """The gateway is stopping: no call waits for a replica from now on (a call failing on one ends with its
+        failure; one waiting ends with NoReplica), so that shutdown is not held up by a restart that will not come."""
+        self._stopping = True
+        self._wake()
+
     async def close(self) -> None:
         """Close every channel, draining replicas' included (their drains end now, cancelling what is in flight);
         calls waiting for a replica end (NoReplica)."""
-        self._closed = True
-        self._wake()
+        self.stop_waiting()
         draining = list(self.draining.values())
         for replica in draining:
             if replica._drain is not None:
