@@ -213,7 +213,7 @@ def test_model_info_reports_the_declared_defaults_and_limits(repositories):
     answer = {"config": json_format.MessageToDict(config, preserving_proto_field_name=True)}
 
     class Served(Captioner):
-        async def _call(self, request):
+        async def _call(self, request, deadline=None):
             return answer
 
     description = asyncio.run(Served(ReplicaPool(("127.0.0.1:1",)), GatewayLimits()).describe())
