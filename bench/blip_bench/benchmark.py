@@ -298,11 +298,11 @@ def run_repeats(settings: Settings, repository: Path, precision: str) -> list[di
                 for concurrency in settings.concurrency:
                     round_ += 1
                     sequence = _with_repeats(_scenes(settings.images, seed=1000 + round_), share, round_)
-                    before = _cache_counts(triton, ensemble.MODEL)
+                    before = _cache_counts(triton, ensemble.CACHED_MODEL)
                     row, _ = _measure(f"service {precision} via gateway, {concurrency} concurrent, {share:.0%} "
                                       "repeated", ask, sequence, concurrency, kind="repeats", precision=precision,
                                       route="gateway", repeat_share=share)
-                    after = _cache_counts(triton, ensemble.MODEL)
+                    after = _cache_counts(triton, ensemble.CACHED_MODEL)
                     row["cache_hits"] = after["hits"] - before["hits"]
                     row["cache_misses"] = after["misses"] - before["misses"]
                     rows.append(_progress(row))

@@ -76,18 +76,20 @@ class Limits:
 @dataclass(frozen=True)
 class ModelSummary:
     """One served model (`list_models()`): its name (what `model=` takes), source checkpoint, precision, whether
-    it is the default (the model of calls that name none), and the Triton ensemble that serves it."""
+    it is the default (the model of calls that name none), the Triton ensemble that serves it (no cache) and
+    the same with Triton's response cache (for deterministic requests only; empty if none is served)."""
 
     name: str
     source_checkpoint: str
     precision: str
     is_default: bool
     triton_ensemble: str
+    triton_cached_ensemble: str
 
     @classmethod
     def from_pb(cls, message: caption_pb2.ModelSummary) -> ModelSummary:
         return cls(message.name, message.source_checkpoint, message.precision, message.is_default,
-                   message.triton_ensemble)
+                   message.triton_ensemble, message.triton_cached_ensemble)
 
 
 @dataclass(frozen=True)

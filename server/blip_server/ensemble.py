@@ -17,9 +17,14 @@ import numpy.typing as npt
 from blip_server.shared.generation_options import REQUEST_OPTIONS, Option
 
 MODEL = "blip_caption"
+# The same ensemble with Triton's response cache: what the gateway sends deterministic requests to (beam search,
+# greedy, or sampling with a seed), so that a repeated one is answered from the cache without running any model.
+# `blip_caption` itself caches nothing: an unseeded sample sent there is always sampled afresh. blip-export
+# writes this one from `blip_caption`'s config (`model_configs.write_cached_ensemble`).
+CACHED_MODEL = "blip_caption_cached"
 # The parameter of the default ensemble's config that lists every model a Triton serves, as JSON: a list of
-# {"name", "ensemble", "preprocess"}, the default first (`blip_server.served_models` writes it). A repository
-# without it (one export, served as it was exported) serves one model, `blip_caption`.
+# {"name", "ensemble", "cached_ensemble", "preprocess"}, the default first (`blip_server.served_models` writes
+# it). A repository without it (one export, served as it was exported) serves one model, `blip_caption`.
 CATALOG_PARAMETER = "served_models"
 
 # Triton datatype -> numpy dtype, for the datatypes options are declared with.

@@ -49,6 +49,7 @@ from blip_server.model_configs import (
     EncoderShape,
     add_parameters,
     set_parameters,
+    write_cached_ensemble,
     write_container_encoder_configs,
     write_option_configs,
     write_python_gpu_configs,
@@ -169,6 +170,7 @@ def _export(checkpoint: Path, output: Path, options: ExportOptions, identity: di
                     dirs_exist_ok=True)
     preprocess, encoder, decoder = (output / name / "1" for name in ("preprocess", "vision_encoder", "text_decoder"))
     write_option_configs(output)  # the options' inputs and parameters, from their declaration
+    write_cached_ensemble(output)  # blip_caption with the response cache, from the config just written
 
     log.info("exporting the vision encoder to ONNX")
     cosine = _export_vision_encoder(model.vision_model, encoder / "model.onnx", images["height"], images["width"],

@@ -5,6 +5,8 @@
   declaration of the options (`blip_server.shared.generation_options`) between `# BEGIN <block>` and
   `# END <block>` lines of the template; `python -m blip_server.model_configs` writes them into the template
   itself, and docs/limits.md's table of the options.
+- Every export: `blip_caption_cached`, the ensemble's config with Triton's response cache on (the template's
+  `blip_caption` caches nothing: unseeded samples go there).
 - Every export: `preprocess/config.pbtxt` gains what was served (source checkpoint, precision, image size), so
   any gateway in front of any replica can describe the model without the export's files.
 - Every export: `configs/gpu.pbtxt` for `vision_encoder` and `text_decoder`, chosen by Triton's
@@ -28,7 +30,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from blip_server.repository import parse_config, template_directory
+from blip_server.repository import CACHED_ENSEMBLE, ENSEMBLE, parse_config, template_directory
 from blip_server.shared.generation_options import LIMITS, OPTIONS, Limit, Option, render_parameter
 
 GPU_CONFIG = "gpu"
@@ -108,6 +110,20 @@ def write_python_gpu_configs(repository: Path, precision: str) -> None:
         _write(directory / "configs" / f"{GPU_CONFIG}.pbtxt", config,
                f"{model} on a GPU (tritonserver --model-config-name={GPU_CONFIG}); written by blip-export.\n"
                "Same model as config.pbtxt, one instance on each GPU Triton assigns it.")
+
+
+def write_cached_ensemble(repository: Path) -> None:
+    """`blip_caption_cached`: the ensemble's config (its options' blocks written) under that name, with Triton's
+    response cache on; the same steps, so the same models answer it."""
+    config = parse_config(repository / ENSEMBLE / "config.pbtxt")
+    config.name = CACHED_ENSEMBLE
+    config.response_cache.enable = True
+    _write(repository / CACHED_ENSEMBLE / "config.pbtxt", config,
+           f"{ENSEMBLE}'s config with Triton's response cache on; written by blip-export (model_configs.py).\n"
+           "The gateway sends it deterministic requests (beam search, greedy, seeded sampling): a request whose\n"
+           "inputs equal an earlier one's is answered with that one's response without running any step. The\n"
+           "cache is the server's (blip-serve --response-cache-mb; with 0 this config loads and caches nothing).")
+    (repository / CACHED_ENSEMBLE / "1").mkdir(exist_ok=True)
 
 
 def engine_cache_path(model: Path) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from blip_server import ensemble
 from blip_server.errors import ModelNotFoundError
 from blip_server.repository_copy import MANIFEST
 
@@ -19,8 +20,8 @@ SHARED_BY_MODEL = {
     "vision_encoder": ("cpu_turns.py",),
 }
 SHARED_MODULES = tuple(sorted({module for modules in SHARED_BY_MODEL.values() for module in modules}))
-MODELS = ("preprocess", "vision_encoder", "text_decoder", "blip_caption")
-ENSEMBLE = "blip_caption"
+ENSEMBLE, CACHED_ENSEMBLE = ensemble.MODEL, ensemble.CACHED_MODEL
+MODELS = ("preprocess", "vision_encoder", "text_decoder", ENSEMBLE, CACHED_ENSEMBLE)
 
 
 def template_directory() -> Path:

@@ -3,10 +3,10 @@
 Each model is exported (and cached) on its own, as for one; what Triton serves is one model repository that holds
 them all, built here from the exported ones:
 
-- the first model, the default, keeps the Triton names of an export (`blip_caption`, `preprocess`,
-  `vision_encoder`, `text_decoder`), so Triton-native clients and single-model deployments see what they always
-  saw; every other model NAME is served as `NAME.blip_caption`, `NAME.preprocess`, ... (a name has no `/`, and
-  the part after its last dot names the model, so no two models' names can meet);
+- the first model, the default, keeps the Triton names of an export (`blip_caption`, `blip_caption_cached`,
+  `preprocess`, `vision_encoder`, `text_decoder`), so Triton-native clients and single-model deployments see what
+  they always saw; every other model NAME is served as `NAME.blip_caption`, `NAME.preprocess`, ... (a name has no
+  `/`, and the part after its last dot names the model, so no two models' names can meet);
 - each model's directory holds its configs, rewritten with its Triton names (`name`, and the ensemble's steps),
   and links to (or copies of) the export's other files: version directories, which hold the weights;
 - the default ensemble's config lists every model served (`ensemble.CATALOG_PARAMETER`, JSON, the default first),
@@ -34,7 +34,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from blip_server.ensemble import CATALOG_PARAMETER
-from blip_server.repository import ENSEMBLE, MODELS, is_model_repository, parse_config, read_manifest
+from blip_server.repository import CACHED_ENSEMBLE, ENSEMBLE, MODELS, is_model_repository, parse_config, read_manifest
 
 # A model's name: what callers send in CaptionRequest.model, and the prefix of its Triton models.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -84,6 +84,7 @@ def triton_name(name: str, model: str, default: bool) -> str:
 
 def catalog_entry(name: str, default: bool) -> dict[str, str]:
     return {"name": name, "ensemble": triton_name(name, ENSEMBLE, default),
+            "cached_ensemble": triton_name(name, CACHED_ENSEMBLE, default),
             "preprocess": triton_name(name, "preprocess", default)}
 
 
@@ -121,6 +122,10 @@ def combine(models: Sequence[tuple[str, Path]], output: Path, copy: bool = False
         check_name(name, str(repository))
         if not is_model_repository(repository):
             raise ValueError(f"{repository} is not an exported model repository")
+        missing = [model for model in MODELS if not (repository / model / "config.pbtxt").is_file()]
+        if missing:
+            raise ValueError(f"{repository} lacks {', '.join(missing)}: it was exported by an older blip-export; "
+                             "export it again")
         names = {model: triton_name(name, model, i == 0) for model in MODELS}
         for model, served in names.items():
             source, target = repository / model, output / served

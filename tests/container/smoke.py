@@ -449,7 +449,7 @@ class SmokeTest:
             raise Failure(f"the export image's /models is {image_dir}, the fresh volume {st.st_uid}:{st.st_gid}; "
                           f"expected both {EXPORT_UID}:{EXPORT_UID}")
         repository = path / "repository"
-        for model in ("blip_caption", "preprocess", "vision_encoder", "text_decoder"):
+        for model in ("blip_caption", "blip_caption_cached", "preprocess", "vision_encoder", "text_decoder"):
             if not (repository / model / "config.pbtxt").exists():
                 raise Failure(f"the export wrote no {model}/config.pbtxt:\n{tail(out)}")
         if any(p.stat().st_uid != EXPORT_UID for p in repository.rglob("*")):
@@ -588,8 +588,10 @@ print(json.dumps({
             raise Failure("\n".join(problems))
 
     def replica_stats(self, name: str) -> int:
+        """Calls the replica answered: the gateway sends these (deterministic) to the cached ensemble, whose
+        successes count its cache's hits too."""
         code = ("import json, urllib.request as u; s = json.load(u.urlopen("
-                "'http://127.0.0.1:8000/v2/models/blip_caption/stats', timeout=5)); "
+                "'http://127.0.0.1:8000/v2/models/blip_caption_cached/stats', timeout=5)); "
                 "print(s['model_stats'][0]['inference_stats']['success']['count'])")
         return int(container_python(self.run, name, code))
 
@@ -645,7 +647,7 @@ print(json.dumps({
             raise Failure(f"captions under scale: {texts}, expected {expected}")
         after = {name: self.replica_stats(name) for name in triton}
         served = {name: after[name] - before[name] for name in triton}
-        self.run.say(f"  {calls} calls through the gateway, blip_caption successes per replica: {served}")
+        self.run.say(f"  {calls} calls through the gateway, blip_caption_cached successes per replica: {served}")
         if sum(served.values()) != calls or min(served.values()) == 0:
             raise Failure(f"calls did not reach both replicas: {served} of {calls}")
         self.captions("scaled")

@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from blip_client import CaptionClient, GenerationOptions, InvalidArgumentError
+from blip_server import ensemble
 from blip_server.gateway.captioner import Captioner, GatewayLimits
 from blip_server.gateway.replicas import ReplicaPool
 from support import images, reference
@@ -58,9 +59,11 @@ class CountingPool(ReplicaPool):
 
 
 def _served(triton) -> int:
+    """Captions the replica answered: deterministic requests go to the cached ensemble, unseeded samples to the
+    other."""
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.options.grpc_port}")
-    stats = client.get_inference_statistics("blip_caption", as_json=True)["model_stats"][0]
-    return int(stats.get("inference_count", 0))
+    return sum(int(client.get_inference_statistics(model, as_json=True)["model_stats"][0].get("inference_count", 0))
+               for model in (ensemble.MODEL, ensemble.CACHED_MODEL))
 
 
 class Load:

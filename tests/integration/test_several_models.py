@@ -31,8 +31,10 @@ def test_two_checkpoints_are_served_side_by_side_each_request_by_the_model_it_na
         assert "models demo = " in ready and "; standard = " in ready
         with CaptionClient(serve.address, timeout=120) as client:
             listed = client.list_models()
-            assert [(m.name, m.is_default, m.triton_ensemble, m.precision) for m in listed] == [
-                ("demo", True, "blip_caption", "fp32"), ("standard", False, "standard.blip_caption", "fp32")]
+            assert [(m.name, m.is_default, m.triton_ensemble, m.triton_cached_ensemble, m.precision)
+                    for m in listed] == [
+                ("demo", True, "blip_caption", "blip_caption_cached", "fp32"),
+                ("standard", False, "standard.blip_caption", "standard.blip_caption_cached", "fp32")]
             assert [Path(m.source_checkpoint) for m in listed] == [demo.resolve(), random.resolve()]
             for name, checkpoint in (("demo", demo), ("standard", random)):
                 assert client.model_info(model=name).model == name

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from blip_client.protos.blip.caption.v1 import caption_pb2, caption_pb2_grpc
+from blip_server.ensemble import CACHED_MODEL
 from support import images
 from support.otlp_receiver import OtlpReceiver
 from support.serve import ServeProcess
@@ -17,6 +18,7 @@ SERVER, CLIENT = 2, 3  # OTLP's span kinds
 CAPTION = "/blip.caption.v1.CaptionService/Caption"
 TRITON_CALL = "inference.GRPCInferenceService/ModelInfer"
 MODELS = ("preprocess", "vision_encoder", "text_decoder")
+ENSEMBLE = CACHED_MODEL  # the gateway sends a deterministic request (the defaults: beam search) to the cached one
 CALLER_TRACE = "5bf92f3577b34da6a3ce929d0e0e4736"
 UNSAMPLED_TRACE = "6bf92f3577b34da6a3ce929d0e0e4737"
 
@@ -56,7 +58,7 @@ def _whole(trace_id: str):
     """Whether a trace's spans all arrived: the gateway's two and Triton's request, ensemble and models."""
     def done(spans) -> bool:
         names = {s.name for s in spans if s.trace_id == trace_id}
-        return {CAPTION, TRITON_CALL, "InferRequest", "blip_caption", *MODELS} <= names
+        return {CAPTION, TRITON_CALL, "InferRequest", ENSEMBLE, *MODELS} <= names
     return done
 
 
@@ -75,11 +77,11 @@ def test_one_trace_holds_the_gateway_the_ensemble_and_each_model(traced):
     assert server.attributes["rpc.grpc.status_code"] == 0
     [client] = by_name[TRITON_CALL]
     assert client.kind == CLIENT and client.parent_span_id == server.span_id
-    assert client.attributes["triton.model_name"] == "blip_caption"
+    assert client.attributes["triton.model_name"] == ENSEMBLE
 
     # Triton's, under the gateway's client span: the gRPC request, then the ensemble, then each of its models.
     [request] = by_name["InferRequest"]
-    [ensemble] = by_name["blip_caption"]
+    [ensemble] = by_name[ENSEMBLE]
     assert request.parent_span_id == client.span_id and request.encoding == "json"
     assert ensemble.parent_span_id == request.span_id
     computes = {s.parent_span_id: s for s in by_name["compute"]}

@@ -180,6 +180,9 @@ class _ServedConfigs(Captioner):
     async def _config(self, model, deadline=None):
         return self.configs[model]
 
+    async def _serves(self, model, deadline=None):
+        return model in self.configs
+
 
 def test_model_info_is_what_the_served_preprocess_config_and_the_gateways_limits_say():
     """GetModelInfo over gRPC from a real Captioner reading the repository's preprocess config.pbtxt, its parameters

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from blip_server.export import ExportOptions, export_checkpoint
-from blip_server.repository import MODELS, parse_config, template_directory
+from blip_server.repository import CACHED_ENSEMBLE, ENSEMBLE, MODELS, parse_config, template_directory
 from support import triton_schema
 
 TEMPLATE = template_directory()
@@ -51,7 +51,20 @@ def test_triton_2_51s_schema_refuses_a_field_added_after_it():
 
 
 def test_every_model_has_a_config():
-    assert sorted(p.parent.name for p in CONFIGS) == sorted(MODELS)
+    """The template's models, and the cached ensemble, which the export writes from the template's ensemble."""
+    assert sorted(p.parent.name for p in CONFIGS) == sorted(set(MODELS) - {CACHED_ENSEMBLE})
+
+
+def test_the_cached_ensemble_is_the_ensemble_with_the_response_cache_on(repositories):
+    exported = repositories["standard"]
+    assert sorted(p.parent.name for p in exported.glob("*/config.pbtxt")) == sorted(MODELS)
+    plain, cached = (parse_config(exported / name / "config.pbtxt") for name in (ENSEMBLE, CACHED_ENSEMBLE))
+    assert not plain.response_cache.enable and cached.response_cache.enable  # unseeded samples go to the plain one
+    assert (cached.name, plain.name) == (CACHED_ENSEMBLE, ENSEMBLE)
+    cached.name = plain.name
+    cached.ClearField("response_cache")
+    assert cached == plain  # the same inputs, outputs and steps (the option inputs written by the export included)
+    assert (exported / CACHED_ENSEMBLE / "1").is_dir()  # Triton loads a model only with a version folder
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,10 @@ def test_the_combined_repository_serves_each_export_under_its_names(repositories
     output = tmp_path / "combined"
     catalog = combine([("first", repositories["standard"]), ("second", repositories["unusual"])], output, copy=copy)
     assert catalog == [
-        {"name": "first", "ensemble": "blip_caption", "preprocess": "preprocess"},
-        {"name": "second", "ensemble": "second.blip_caption", "preprocess": "second.preprocess"}]
+        {"name": "first", "ensemble": "blip_caption", "cached_ensemble": "blip_caption_cached",
+         "preprocess": "preprocess"},
+        {"name": "second", "ensemble": "second.blip_caption", "cached_ensemble": "second.blip_caption_cached",
+         "preprocess": "second.preprocess"}]
     for name, prefix, source in (("first", "", repositories["standard"]),
                                  ("second", "second.", repositories["unusual"])):
         for model in MODELS:
@@ -79,9 +82,10 @@ def test_the_combined_repository_serves_each_export_under_its_names(repositories
                         p.name for p in version.iterdir() if p.name != "__pycache__")
             for gpu in (source / model / "configs").glob("*.pbtxt"):
                 assert parse_config(directory / "configs" / gpu.name).name == f"{prefix}{model}"
-        steps = parse_config(output / f"{prefix}blip_caption" / "config.pbtxt").ensemble_scheduling.step
-        assert [s.model_name for s in steps] == [f"{prefix}preprocess", f"{prefix}vision_encoder",
-                                                  f"{prefix}text_decoder"]
+        for ensemble_name in ("blip_caption", "blip_caption_cached"):
+            steps = parse_config(output / f"{prefix}{ensemble_name}" / "config.pbtxt").ensemble_scheduling.step
+            assert [s.model_name for s in steps] == [f"{prefix}preprocess", f"{prefix}vision_encoder",
+                                                      f"{prefix}text_decoder"]
     listed = parse_config(output / "blip_caption" / "config.pbtxt").parameters[ensemble.CATALOG_PARAMETER]
     assert json.loads(listed.string_value) == catalog
     assert ensemble.CATALOG_PARAMETER not in parse_config(output / "second.blip_caption" / "config.pbtxt").parameters
@@ -98,17 +102,29 @@ def test_the_command_combines_exports_and_refuses_what_is_not_one(repositories, 
     assert "is not an exported model repository" in capsys.readouterr().err
 
 
+def test_an_export_without_the_cached_ensemble_is_refused_with_what_to_do(repositories, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(repositories["standard"], older, symlinks=True)
+    shutil.rmtree(older / "blip_caption_cached")
+    with pytest.raises(ValueError, match="lacks blip_caption_cached: it was exported by an older blip-export"):
+        combine([("a", older)], tmp_path / "combined")
+
+
 class _Configs(Captioner):
     """A captioner whose replica's model configs are given."""
 
-    def __init__(self, configs):
+    def __init__(self, configs, served=()):
         super().__init__(ReplicaPool(("127.0.0.1:1",)), GatewayLimits())
         self.configs = configs
+        self.served = set(configs) | set(served)  # the Triton models in the replica's repository index
         self.reads = 0
 
     async def _config(self, model, deadline=None):
         self.reads += 1
         return self.configs[model]
+
+    async def _serves(self, model, deadline=None):
+        return model in self.served
 
 
 def _parameters(**values):
@@ -132,10 +148,22 @@ def test_the_gateway_reads_the_served_models_from_the_default_ensemble(monkeypat
 
 
 def test_one_export_served_as_exported_is_named_after_its_checkpoint_folder():
-    captioner = _Configs({"blip_caption": _parameters(),
-                          "preprocess": _parameters(source_checkpoint="/ckpt/blip-image-captioning-large")})
-    assert asyncio.run(captioner.models()) == [
+    configs = {"blip_caption": _parameters(),
+               "preprocess": _parameters(source_checkpoint="/ckpt/blip-image-captioning-large")}
+    captioner = _Configs(configs, served={"blip_caption_cached"})
+    assert asyncio.run(captioner.models()) == [ServedModel("blip-image-captioning-large", "blip_caption", "preprocess",
+                                                           default=True, cached_ensemble="blip_caption_cached")]
+    # Exported before the cached ensemble existed: none to send deterministic requests to.
+    assert asyncio.run(_Configs(configs).models()) == [
         ServedModel("blip-image-captioning-large", "blip_caption", "preprocess", default=True)]
+
+
+def test_deterministic_requests_go_to_the_cached_ensemble_and_unseeded_samples_to_the_plain_one():
+    model = ServedModel("m", "m.blip_caption", "m.preprocess", cached_ensemble="m.blip_caption_cached")
+    assert model.ensemble_for(deterministic=True) == "m.blip_caption_cached"
+    assert model.ensemble_for(deterministic=False) == "m.blip_caption"
+    older = ServedModel("m", "blip_caption", "preprocess")  # a catalog written before the cached ensembles
+    assert older.ensemble_for(deterministic=True) == older.ensemble_for(deterministic=False) == "blip_caption"
 
 
 def test_blip_caption_passes_the_model_it_is_given(tmp_path, capsys):

@@ -16,6 +16,10 @@ A replica may serve several models (`blip_server.served_models`): the default en
 every few seconds); a request naming none gets the default, one naming a model not served NOT_FOUND. A
 repository without that list (one export, served as it was exported) serves one model, named after the folder of
 its source checkpoint.
+
+Each model has two ensembles of the same steps: deterministic requests (beam search, greedy, sampling with a seed)
+go to the one with Triton's response cache, unseeded samples to the one without (docs/architecture.md, "Response
+cache").
 """
 
 from __future__ import annotations
@@ -167,13 +171,28 @@ class Captioner:
     async def _read_catalog(self, deadline: float | None = None) -> list[ServedModel]:
         params = (await self._config(ensemble.MODEL, deadline)).get("parameters", {})
         listed = params.get(ensemble.CATALOG_PARAMETER, {}).get("string_value", "")
-        if listed:
-            return [ServedModel(m["name"], m["ensemble"], m["preprocess"], default=i == 0)
+        if listed:  # a catalog written before the cached ensembles lacks them: every request goes to "ensemble"
+            return [ServedModel(m["name"], m["ensemble"], m["preprocess"], default=i == 0,
+                                cached_ensemble=m.get("cached_ensemble", ""))
                     for i, m in enumerate(json.loads(listed))]
         # One export served as it was exported: named after its checkpoint's folder.
         source = (await self._config("preprocess", deadline)).get("parameters", {}).get("source_checkpoint", {})
         name = PurePath(source.get("string_value", "")).name or ensemble.MODEL
-        return [ServedModel(name, ensemble.MODEL, "preprocess", default=True)]
+        return [ServedModel(name, ensemble.MODEL, "preprocess", default=True,
+                            cached_ensemble=ensemble.CACHED_MODEL if await self._serves(ensemble.CACHED_MODEL,
+                                                                                         deadline) else "")]
+
+    async def _serves(self, model: str, deadline: float | None) -> bool:
+        """Whether the replicas serve the Triton model `model` (an export older than it does not). Its config is
+        asked for: Triton's repository index is one of the APIs the servers restrict to their admin."""
+        try:
+            await self._config(model, deadline)
+        except Unavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, InferenceServerException) and str(cause.status()) == "StatusCode.NOT_FOUND":
+                return False
+            raise
+        return True
 
     async def check_options(self, job: CaptionJob, deadline: float | None = None) -> GenerationOptions:
         """The options against the served defaults and limits (preprocess checks them again, with the prompt's
@@ -199,12 +218,13 @@ class Captioner:
         self.in_flight += 1
         try:
             model = await self.model(job.model, deadline)  # waits, as the call does, while no replica is ready
-            if (await self.check_options(job, deadline)).do_sample and job.options.get("seed") is None:
-                # An unseeded sample is one with a random seed: drawn here, so that Triton's response cache, keyed
-                # by the inputs, never answers it with an earlier sample (docs/architecture.md, "Response cache").
+            unseeded = (await self.check_options(job, deadline)).do_sample and job.options.get("seed") is None
+            if unseeded and not model.cached_ensemble:
+                # A replica exported before the cached ensembles caches its only one: there, an unseeded sample
+                # gets a random seed of its own, so that the cache, keyed by the inputs, never answers it.
                 job = replace(job, options={**job.options, "seed": secrets.randbits(63)})
             async with self._bytes_in_flight(len(job.image), deadline):
-                captions = await self._infer(job, deadline, model.ensemble)
+                captions = await self._infer(job, deadline, model.ensemble_for(deterministic=not unseeded))
         finally:
             self.in_flight -= 1
         return CaptionResult(captions, job.request_id, model.name)

@@ -124,9 +124,14 @@ class ServedModel:
     """One model a replica serves: its name for callers and the Triton models behind it."""
 
     name: str
-    ensemble: str  # the Triton ensemble captions are asked of
+    ensemble: str  # the Triton ensemble unseeded samples are asked of (it caches nothing)
     preprocess: str  # the Triton model whose config says what is served (defaults, limits, source, precision)
     default: bool = False  # answers requests that name no model
+    cached_ensemble: str = ""  # the same with Triton's response cache, for deterministic requests ("": none served)
+
+    def ensemble_for(self, deterministic: bool) -> str:
+        """The ensemble a request goes to: the cached one when its answer depends on its inputs alone."""
+        return self.cached_ensemble if deterministic and self.cached_ensemble else self.ensemble
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class CaptionServicer:
             description = await self.captioner.describe(model.name)
             summaries.append(caption_pb2.ModelSummary(
                 name=model.name, source_checkpoint=description.source_checkpoint, precision=description.precision,
-                is_default=model.default, triton_ensemble=model.ensemble))
+                is_default=model.default, triton_ensemble=model.ensemble,
+                triton_cached_ensemble=model.cached_ensemble))
         return caption_pb2.ListModelsResponse(models=summaries)
 
     async def CaptionStream(

@@ -373,6 +373,7 @@ class ModelSummary(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     TRITON_ENSEMBLE_FIELD_NUMBER: _builtins.int
+    TRITON_CACHED_ENSEMBLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Its name: what CaptionRequest.model and GetModelInfoRequest.model take."""
     source_checkpoint: _builtins.str
@@ -382,7 +383,11 @@ class ModelSummary(_message.Message):
     is_default: _builtins.bool
     """Whether it answers requests that name no model."""
     triton_ensemble: _builtins.str
-    """The Triton ensemble that serves it, for Triton-native clients (tritonclient)."""
+    """The Triton ensemble that serves it, for Triton-native clients (tritonclient); it caches nothing."""
+    triton_cached_ensemble: _builtins.str
+    """The same ensemble with Triton's response cache: for deterministic requests (beam search, greedy, sampling
+    with a seed), never for an unseeded sample, which it would answer with an earlier one. Empty: none served.
+    """
     def __init__(
         self,
         *,
@@ -391,10 +396,11 @@ class ModelSummary(_message.Message):
         precision: _builtins.str = ...,
         is_default: _builtins.bool = ...,
         triton_ensemble: _builtins.str = ...,
+        triton_cached_ensemble: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_default", b"is_default", "name", b"name", "precision", b"precision", "source_checkpoint", b"source_checkpoint", "triton_ensemble", b"triton_ensemble"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_default", b"is_default", "name", b"name", "precision", b"precision", "source_checkpoint", b"source_checkpoint", "triton_cached_ensemble", b"triton_cached_ensemble", "triton_ensemble", b"triton_ensemble"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
