@@ -115,6 +115,33 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def test_calls_waiting_for_the_first_replica_count_against_capacity():
+    """A gateway that has not yet read what its replicas serve, none of them ready: the two calls it can hold wait
+    (for a replica, up to their deadline), and a third is refused at once instead of waiting beside them."""
+    captioner = Captioner(ReplicaPool(("127.0.0.1:1",)), GatewayLimits(max_concurrent_requests=2))
+    gateway = BackgroundGateway(captioner)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            caption = channel.unary_unary("/blip.caption.v1.CaptionService/Caption",
+                                          request_serializer=caption_pb2.CaptionRequest.SerializeToString,
+                                          response_deserializer=caption_pb2.CaptionResponse.FromString)
+            request = caption_pb2.CaptionRequest(image=IMAGE)
+            waiting = [caption.future(request, timeout=120) for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while captioner.in_flight < 2:  # both reached the captioner and wait there
+                assert time.monotonic() < deadline and not any(f.done() for f in waiting), [f.done() for f in waiting]
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as refused:
+                caption(request, timeout=120)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert "at capacity (2 images in flight)" in refused.value.details()
+            assert not any(f.done() for f in waiting)
+            for future in waiting:
+                future.cancel()
+    finally:
+        gateway.stop()
+
+
 def test_requests_over_capacity_are_refused_not_queued(served):
     gateway, captioner = served
     outcomes = []

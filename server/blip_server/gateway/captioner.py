@@ -206,8 +206,11 @@ class Captioner:
             raise InvalidArgument(str(exc)) from None
         return resolved
 
-    async def caption(self, job: CaptionJob, timeout: float | None) -> CaptionResult:
-        self.check(job)
+    async def caption(self, job: CaptionJob, timeout: float | None,
+                      on_model: Callable[[str], None] = lambda name: None) -> CaptionResult:
+        """Captions `job` within `timeout` seconds (None: none). `on_model` is told the served model's name once it
+        is known (the metrics' label, before the job is checked): the lookup waits for a replica while none is
+        ready and the models served are not yet known, and counts among the images in flight."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.in_flight >= self.limits.max_concurrent_requests:
             raise ResourceExhausted(
@@ -218,6 +221,8 @@ class Captioner:
         self.in_flight += 1
         try:
             model = await self.model(job.model, deadline)  # waits, as the call does, while no replica is ready
+            on_model(model.name)
+            self.check(job)
             unseeded = (await self.check_options(job, deadline)).do_sample and job.options.get("seed") is None
             if unseeded and not model.cached_ensemble:
                 # A replica exported before the cached ensembles caches its only one: there, an unseeded sample

@@ -48,8 +48,7 @@ class CaptionServicer:
     ) -> caption_pb2.CaptionResponse:
         label_call_model(UNKNOWN_MODEL)
         job = CaptionJob.from_bytes(request)
-        await self._model_name(job.model, context.time_remaining())
-        result = await self.captioner.caption(job, context.time_remaining())
+        result = await self.captioner.caption(job, context.time_remaining(), on_model=label_call_model)
         return result.to_pb()
 
     async def GetModelInfo(self, request: bytes,
@@ -93,10 +92,12 @@ class CaptionServicer:
             try:
                 job = CaptionJob.from_bytes(request)
                 request_id = job.request_id
-                timeout = context.time_remaining()
-                deadline = None if timeout is None else time.monotonic() + timeout
-                model = (await self.captioner.model(job.model, deadline)).name
-                result = await self.captioner.caption(job, context.time_remaining())
+
+                def served(name: str) -> None:
+                    nonlocal model
+                    model = name
+
+                result = await self.captioner.caption(job, context.time_remaining(), on_model=served)
                 response = caption_pb2.CaptionStreamResponse(request_id=request_id, response=result.to_pb())
             except ServiceError as exc:
                 code = exc.code.name
