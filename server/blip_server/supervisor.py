@@ -31,6 +31,12 @@ log = logging.getLogger("blip-serve")
 STUB = "triton_python_backend_stub"
 
 
+def restart_backoff(quick_deaths: int) -> float:
+    """Seconds to wait before restarting Triton after `quick_deaths` deaths in a row, each soon after its start:
+    none for the first two (a fault under load, then perhaps one more), then 1, 2, 4, ... up to 30."""
+    return 0.0 if quick_deaths <= 2 else min(30.0, 2.0 ** (quick_deaths - 3))
+
+
 def stubs(pid: int) -> dict[int, str]:
     """Triton's Python-backend stubs (pid -> the model.py each runs)."""
     return {child: cmdline.split()[1] if len(cmdline.split()) > 1 else cmdline
@@ -43,7 +49,8 @@ class TritonSupervisor:
     def __init__(self, options: TritonOptions, *, on_down: Callable[[str], Awaitable[None]] | None = None,
                  on_up: Callable[[], Awaitable[None]] | None = None, max_restarts: int = 5,
                  stable_after: float = 10.0, interval: float = 0.1, probe_every: int = 5,
-                 probe_timeout: float = 2.0, hung_after: int = 4):
+                 probe_timeout: float = 2.0, hung_after: int = 4,
+                 backoff: Callable[[int], float] = restart_backoff):
         self.options = options
         self.on_down = on_down
         self.on_up = on_up
@@ -53,6 +60,7 @@ class TritonSupervisor:
         self.probe_every = probe_every  # process checks per readiness probe
         self.probe_timeout = probe_timeout
         self.hung_after = hung_after  # consecutive failed readiness probes
+        self.backoff = backoff  # quick deaths in a row -> seconds before the next start
         self.triton: EmbeddedTriton | None = None
         self.stubs: dict[int, str] = {}
         self._quick_deaths = 0
@@ -108,7 +116,7 @@ class TritonSupervisor:
         if self._quick_deaths > self.max_restarts:
             raise TritonStartError(f"Triton failed {self._quick_deaths} times in a row, each within "
                                    f"{self.stable_after:.0f} s of its start; giving up")
-        backoff = 0.0 if self._quick_deaths <= 2 else min(30.0, 2.0 ** (self._quick_deaths - 3))
+        backoff = self.backoff(self._quick_deaths)
         if backoff:
             log.info("Triton died %d times in a row soon after starting: restarting in %g s", self._quick_deaths,
                      backoff)
