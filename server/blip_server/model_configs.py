@@ -13,7 +13,7 @@
   `--model-config-name=gpu` (a model without one keeps its `config.pbtxt`): `KIND_GPU` instances.
 - `triton-container`: the encoder on Triton's native `onnxruntime` backend (NVIDIA's image), CPU by default; its
   GPU config adds the TensorRT execution accelerator (in the export's precision: FP32 for an fp32 export, which
-  must be exact, FP16 for fp16; engine and timing caches on a volume, the engines in a folder named after the
+  must be exact, FP16 for fp16; engine and timing caches on a volume, in a folder named after the
   ONNX file's content; one optimisation profile for batch 1..max_batch_size) and warm-up requests, so the model
   reports ready only once its engines are built.
 """
@@ -165,8 +165,9 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape, precis
         "max_workspace_size_bytes": str(4 << 30),
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": engine_cache_path(directory / "1" / "model.onnx"),
+        # No trt_timing_cache_path: the key is not known to be in Triton 24.10's onnxruntime backend (an unknown key
+        # fails the load); without it ONNX Runtime keeps the timing cache in trt_engine_cache_path.
         "trt_timing_cache_enable": "1",
-        "trt_timing_cache_path": TENSORRT_CACHE,
         "trt_profile_min_shapes": pixels.format(1),
         "trt_profile_opt_shapes": pixels.format(batch),
         "trt_profile_max_shapes": pixels.format(batch),
@@ -180,7 +181,7 @@ def write_container_encoder_configs(directory: Path, shape: EncoderShape, precis
            "The encoder on GPUs (tritonserver --model-config-name=gpu): ONNX Runtime's TensorRT execution provider\n"
            f"in {TENSORRT_PRECISION[precision]}, one optimisation profile for batch 1..{batch}, "
            f"engines in a folder of {TENSORRT_CACHE} named after model.onnx's content\n"
-           "and the timing cache beside it "
+           "with its timing cache "
            "(mount a volume there: a restart then loads the engines instead of building\n"
            "them for minutes). FP32 runs without TF32 (blip-tritonserver sets NVIDIA_TF32_OVERRIDE=0).\n"
            "The warm-up requests build the engines before the model reports ready. Written by blip-export.")

@@ -98,7 +98,7 @@ def test_the_containers_gpu_encoder_uses_tensorrt_in_fp32_with_caches_a_profile_
     assert params["trt_engine_cache_enable"] == "1" and params["trt_timing_cache_enable"] == "1"
     onnx_digest = hashlib.sha256((tmp_path / "repo" / "vision_encoder" / "1" / "model.onnx").read_bytes()).hexdigest()
     assert params["trt_engine_cache_path"] == f"/cache/tensorrt/{onnx_digest[:16]}"
-    assert params["trt_timing_cache_path"] == "/cache/tensorrt"
+    assert "trt_timing_cache_path" not in params  # not a key r24.10 is known to accept: the engines' folder holds it
     batch = config.max_batch_size
     assert params["trt_profile_min_shapes"] == "PIXEL_VALUES:1x3x224x224"
     assert params["trt_profile_max_shapes"] == f"PIXEL_VALUES:{batch}x3x224x224"
