@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from blip_bench.processes import decoder_counters
@@ -88,9 +89,17 @@ def test_a_request_carries_one_image_and_more_are_refused_clearly(servers):
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "batch-size must be <= 1" in error.value.message()
 
 
-def test_a_short_caption_does_not_wait_behind_long_ones(servers):
+# Each decode step of the Triton below sleeps this long first (text_decoder's test-only knob): the long requests'
+# 60 steps last at least 6 s, far longer than the short one's way through preprocess and the encoder on any machine,
+# so that it joins them while they decode however fast or busy the machine is (on the shared server a busy machine
+# let two of the long ones finish first: their steps ran while the short one was still being encoded).
+SLOW_STEP = 0.1
+
+
+def test_a_short_caption_does_not_wait_behind_long_ones(repositories, start_triton):
     """In-flight batching: a short request that arrives while long ones decode joins them and leaves first."""
-    client = servers("standard").client()
+    triton = start_triton(repositories["standard"], environment={"BLIP_TEST_STEP_DELAY_SECONDS": str(SLOW_STEP)})
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.options.grpc_port}")
     finished, threads = [], []
 
     def send(name, **options):
@@ -106,7 +115,7 @@ def test_a_short_caption_does_not_wait_behind_long_ones(servers):
                                         kwargs=dict(num_beams=8, min_new_tokens=60, max_new_tokens=60)))
         threads[-1].start()
     deadline = time.monotonic() + 60
-    while _arrivals(client) < before + 3:  # the long ones are in the decode loop
+    while _arrivals(client) < before + 4:  # the long ones are in the decode loop
         assert time.monotonic() < deadline and not finished, finished
         time.sleep(0.005)
     threads.append(threading.Thread(target=send, args=("short",), kwargs=dict(num_beams=1, max_new_tokens=5,
