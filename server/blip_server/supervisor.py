@@ -9,9 +9,9 @@ group, and starts Triton again.
 
 Recovery is as fast as Triton allows: the processes are checked every `interval` seconds (a few /proc reads),
 readiness every `probe_every` checks; a fault after Triton has served `stable_after` seconds is restarted at once.
-Only deaths that follow their start quickly back off (0, 0, then 1, 2, 4, ... up to 30 s), and after `max_restarts`
-such deaths in a row the supervisor gives up. Each recovery is logged with its timings: stopping the old Triton,
-the backoff, starting the new one until it is ready.
+Only deaths that follow their start quickly back off (0, 0, then 1, 2, 4, ... up to 30 s), a start that fails is
+one of them, and after `max_restarts` such deaths in a row the supervisor gives up. Each recovery is logged with
+its timings: stopping the old Triton, the backoff, starting the new one until it is ready.
 """
 
 from __future__ import annotations
@@ -113,21 +113,32 @@ class TritonSupervisor:
         await asyncio.to_thread(self.triton.kill)
         self.triton.cleanup()
         stopped = time.monotonic()
-        if self._quick_deaths > self.max_restarts:
-            raise TritonStartError(f"Triton failed {self._quick_deaths} times in a row, each within "
-                                   f"{self.stable_after:.0f} s of its start; giving up")
-        backoff = self.backoff(self._quick_deaths)
-        if backoff:
-            log.info("Triton died %d times in a row soon after starting: restarting in %g s", self._quick_deaths,
-                     backoff)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=backoff)
-            return  # stopping: no restart
-        except asyncio.TimeoutError:
-            pass
-        log.info("restarting Triton")
-        began = time.monotonic()
-        await self.start()
+        while True:
+            if self._quick_deaths > self.max_restarts:
+                raise TritonStartError(f"Triton failed {self._quick_deaths} times in a row, each within "
+                                       f"{self.stable_after:.0f} s of its start; giving up")
+            backoff = self.backoff(self._quick_deaths)
+            if backoff:
+                log.info("Triton died %d times in a row soon after starting: restarting in %g s",
+                         self._quick_deaths, backoff)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+                return  # stopping: no restart
+            except asyncio.TimeoutError:
+                pass
+            log.info("restarting Triton")
+            began = time.monotonic()
+            try:
+                await self.start()
+                break
+            except TritonStartError as exc:
+                # Triton exited (or never got ready) while loading the models: one more quick death, not the end
+                # of the service. Seen under load: Triton 2.51's Python backend aborting at start with
+                # boost::interprocess::lock_exception, an upstream fault of its shared-memory setup.
+                log.error("Triton failed while starting again: %s", str(exc).splitlines()[0])
+                self._quick_deaths += 1
+                await asyncio.to_thread(self.triton.kill)
+                self.triton.cleanup()
         ready = time.monotonic()
         if self.on_up is not None:
             await self.on_up()

@@ -40,10 +40,14 @@ class _Supervisor(TritonSupervisor):
         super().__init__(TritonOptions(model_repository=tmp_path), stable_after=10.0, max_restarts=3,
                          backoff=lambda deaths: self.waits.append(deaths) or 0.0, **options)
         self.triton = _Triton(self.events)
+        self.failing_starts = 0  # the next starts that fail (Triton exits while loading)
         self._ready_at = 1000.0  # started (and ready) at the test clock's 1000
 
     async def start(self) -> None:
         self.events.append("start")
+        if self.failing_starts:
+            self.failing_starts -= 1
+            raise TritonStartError("tritonserver exited with status -6 while starting:\nterminate called ...")
         self._ready_at = 1000.0
 
     def die_after(self, served: float) -> None:
@@ -72,3 +76,15 @@ def test_quick_deaths_in_a_row_back_off_and_then_give_up_and_a_stable_run_resets
         supervisor.die_after(served=0.5)
     assert supervisor.events[-2:] == ["kill", "cleanup"]  # the old one stopped, no new start
     assert supervisor.events.count("start") == 6
+
+
+def test_a_start_that_fails_is_a_quick_death_and_is_tried_again(tmp_path):
+    supervisor = _Supervisor(tmp_path)
+    supervisor.failing_starts = 2
+    supervisor.die_after(served=60.0)  # after serving a while: restarted at once; the two starts that fail are
+    assert supervisor.waits == [0, 1, 2]  # quick deaths in a row, each backed off as one
+    assert supervisor.events == ["kill", "cleanup", "start", "kill", "cleanup", "start", "kill", "cleanup", "start"]
+    assert len(supervisor.recoveries) == 1
+    supervisor.failing_starts = 10
+    with pytest.raises(TritonStartError, match="failed 4 times in a row"):  # max_restarts 3: then it gives up
+        supervisor.die_after(served=60.0)
