@@ -12,6 +12,11 @@ readiness every `probe_every` checks; a fault after Triton has served `stable_af
 Only deaths that follow their start quickly back off (0, 0, then 1, 2, 4, ... up to 30 s), a start that fails is
 one of them, and after `max_restarts` such deaths in a row the supervisor gives up. Each recovery is logged with
 its timings: stopping the old Triton, the backoff, starting the new one until it is ready.
+
+The first start is tried again only when Triton crashed while loading (killed by SIGABRT, SIGSEGV or SIGBUS: seen
+under load, Triton 2.51's Python backend aborting with boost::interprocess::lock_exception); a Triton that exits
+with a status (a model that does not load, a port in use) or is not ready in time fails blip-serve at once, since
+a new start would fail the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +35,7 @@ from blip_server.triton import EmbeddedTriton, TritonOptions
 log = logging.getLogger("blip-serve")
 
 STUB = "triton_python_backend_stub"
+CRASHES = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)  # signals a Triton that crashed by itself dies of
 
 
 def restart_backoff(quick_deaths: int) -> float:
@@ -68,6 +75,28 @@ class TritonSupervisor:
         self.recoveries: list[dict[str, float]] = []  # each restart's timings (seconds), as logged
 
     async def start(self) -> None:
+        """Start Triton and wait until it is ready; start it again when it crashed while loading, up to
+        `max_restarts` times with the backoff of quick deaths. Any other failure is raised at once."""
+        crashes = 0
+        while True:
+            try:
+                await self._start_once()
+                return
+            except TritonStartError as exc:
+                if not self._crashed() or crashes >= self.max_restarts:
+                    raise
+                crashes += 1
+                log.error("Triton crashed while starting (status %s): starting it again (%d of %d): %s",
+                          self.triton.returncode, crashes, self.max_restarts, str(exc).splitlines()[0])
+                await asyncio.to_thread(self.triton.kill)
+                self.triton.cleanup()
+                await asyncio.sleep(self.backoff(crashes))
+
+    def _crashed(self) -> bool:
+        code = self.triton.returncode if self.triton is not None else None
+        return code is not None and -code in CRASHES
+
+    async def _start_once(self) -> None:
         self.triton = EmbeddedTriton(self.options)
         self.triton.start()
         await asyncio.to_thread(self.triton.wait_ready)
@@ -129,7 +158,7 @@ class TritonSupervisor:
             log.info("restarting Triton")
             began = time.monotonic()
             try:
-                await self.start()
+                await self._start_once()
                 break
             except TritonStartError as exc:
                 # Triton exited (or never got ready) while loading the models: one more quick death, not the end

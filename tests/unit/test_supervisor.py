@@ -1,6 +1,7 @@
 """The supervisor's restart rule: a fault after Triton served `stable_after` seconds restarts it at once; only
-deaths soon after a start back off, and too many of those in a row give up. (The faults themselves, against the
-real Triton: tests/integration/test_faults.py.)"""
+deaths soon after a start back off, and too many of those in a row give up. Its first start is tried again only
+when Triton crashed (killed by a signal of its own making). (The faults themselves, against the real Triton:
+tests/integration/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class _Triton:
 
     def __init__(self, events: list[str]):
         self.events = events
+        self.returncode: int | None = None
 
     def kill(self) -> None:
         self.events.append("kill")
@@ -41,13 +43,16 @@ class _Supervisor(TritonSupervisor):
                          backoff=lambda deaths: self.waits.append(deaths) or 0.0, **options)
         self.triton = _Triton(self.events)
         self.failing_starts = 0  # the next starts that fail (Triton exits while loading)
+        self.failing_status = -6  # how they end: SIGABRT, as Triton 2.51's lock_exception abort
         self._ready_at = 1000.0  # started (and ready) at the test clock's 1000
 
-    async def start(self) -> None:
+    async def _start_once(self) -> None:
         self.events.append("start")
+        self.triton.returncode = None
         if self.failing_starts:
             self.failing_starts -= 1
-            raise TritonStartError("tritonserver exited with status -6 while starting:\nterminate called ...")
+            self.triton.returncode = self.failing_status
+            raise TritonStartError(f"tritonserver exited with status {self.failing_status} while starting:\n...")
         self._ready_at = 1000.0
 
     def die_after(self, served: float) -> None:
@@ -88,3 +93,32 @@ def test_a_start_that_fails_is_a_quick_death_and_is_tried_again(tmp_path):
     supervisor.failing_starts = 10
     with pytest.raises(TritonStartError, match="failed 4 times in a row"):  # max_restarts 3: then it gives up
         supervisor.die_after(served=60.0)
+
+
+def test_a_first_start_that_crashes_is_tried_again_with_the_backoff(tmp_path):
+    supervisor = _Supervisor(tmp_path)
+    supervisor.failing_starts = 2
+    asyncio.run(supervisor.start())
+    assert supervisor.events == ["start", "kill", "cleanup", "start", "kill", "cleanup", "start"]
+    assert supervisor.waits == [1, 2]
+    assert supervisor.triton.returncode is None  # the third one runs
+
+
+@pytest.mark.parametrize("signum", [6, 11, 7])  # SIGABRT, SIGSEGV, SIGBUS (Linux numbers)
+def test_a_first_start_that_keeps_crashing_gives_up_after_max_restarts(tmp_path, signum):
+    supervisor = _Supervisor(tmp_path)
+    supervisor.failing_starts, supervisor.failing_status = 10, -signum
+    with pytest.raises(TritonStartError, match=f"exited with status -{signum}"):
+        asyncio.run(supervisor.start())
+    assert supervisor.events.count("start") == 4  # max_restarts 3: the first start and three more
+    assert supervisor.waits == [1, 2, 3]
+
+
+@pytest.mark.parametrize("status", [1, -9, -15])  # an error (a model that does not load), killed, told to stop
+def test_a_first_start_that_fails_otherwise_is_not_tried_again(tmp_path, status):
+    supervisor = _Supervisor(tmp_path)
+    supervisor.failing_starts, supervisor.failing_status = 1, status
+    with pytest.raises(TritonStartError, match=f"exited with status {status}"):
+        asyncio.run(supervisor.start())
+    assert supervisor.events == ["start"]
+    assert supervisor.waits == []
