@@ -324,6 +324,21 @@ def test_a_cancellation_after_the_callers_deadline_is_deadline_exceeded():
         asyncio.run(captioner._infer(job, deadline=time.monotonic() + 10))
 
 
+@pytest.mark.parametrize("remaining, counted", [
+    (0.0, "DEADLINE_EXCEEDED"),
+    (0.0012, "DEADLINE_EXCEEDED"),  # the client gave up at its deadline, a moment before the gateway's (seen)
+    (status_mapping.DEADLINE_SKEW + 0.001, "CANCELLED"),
+    (5.0, "CANCELLED"),
+    (None, "CANCELLED"),  # a call without a deadline
+])
+def test_a_call_cancelled_at_its_deadline_counts_as_deadline_exceeded(remaining, counted):
+    class Context:
+        def time_remaining(self):
+            return remaining
+
+    assert status_mapping._interrupted(asyncio.CancelledError(), Context()) == counted
+
+
 def _held_call(gateway, captioner, finished) -> threading.Thread:
     """A caption call the fake captioner holds (prompt "slow") until released, started in a thread; returns once
     the captioner has it. `finished(result)` runs when the call returns."""

@@ -6,7 +6,8 @@
   (`package.Service/Method`), health checks and reflection not at all; each item of a CaptionStream also counts,
   as method `CaptionStream.item`; `model` is the served model's name a call named (the default's when it named
   none), `unknown` for a name not served or a request that could not be read, empty for calls not for one model
-  (`ListModels`, a `CaptionStream` as a whole, a call refused before it was read): bounded by the models served;
+  (`ListModels`, a `CaptionStream` as a whole, a call refused before it was read): bounded by the models served; a
+  call its client cancelled within `status_mapping.DEADLINE_SKEW` of its deadline counts as DEADLINE_EXCEEDED;
 - `blip_gateway_request_duration_seconds{method,model}`: histogram of their durations;
 - `blip_gateway_in_flight_requests`: images being captioned now;
 - `blip_gateway_triton_replica_up{endpoint}`: 1 while a Triton replica answers ready, else 0.

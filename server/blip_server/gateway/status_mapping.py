@@ -174,13 +174,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, _StatusMapping(method, observe))
 
 
+# A client's deadline passes a moment before the server's (which starts when the call arrives), so a client that gives
+# up at its deadline cancels the call just before it expires here: seen with 1.2 ms left on loopback.
+DEADLINE_SKEW = 0.02
+
+
 def _interrupted(exc: BaseException, context: grpc.aio.ServicerContext[_TRequest, _TResponse]) -> str:
-    """The status of a call that ended without our answer: cancelled, past its deadline, or already aborted."""
+    """The status of a call that ended without our answer: cancelled, past its deadline (or cancelled within
+    `DEADLINE_SKEW` seconds of it: the client's deadline), or already aborted."""
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
     remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
+    expired = remaining is not None and remaining <= DEADLINE_SKEW
     return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
 
 
