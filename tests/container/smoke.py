@@ -619,12 +619,18 @@ print(json.dumps({
         self.run.say(f"  /cache/tensorrt volumes: {caches}"
                      + (" (note: one volume for both replicas: podman-compose names a service's anonymous volume "
                         "after the service)" if shared else ""))
-        resolved = json.loads(container_python(self.run, gateway[0], (
-            "import json, socket; print(json.dumps(sorted({a[4][0] for a in "
-            "socket.getaddrinfo('triton', 8001, type=socket.SOCK_STREAM)})))")))
+        # The network's DNS learns of the new replica as it joins, and may fail a lookup meanwhile (seen once:
+        # "Temporary failure in name resolution" right after the scale, in the gateway's log too): wait for it.
+        lookup = ("import json, socket\ntry:\n    print(json.dumps(sorted({a[4][0] for a in "
+                  "socket.getaddrinfo('triton', 8001, type=socket.SOCK_STREAM)})))\n"
+                  "except OSError as exc:\n    print(json.dumps(str(exc)))")
+        replicas = sorted(a for v in addresses.values() for a in v)
+        deadline = time.monotonic() + 60
+        while (resolved := json.loads(container_python(self.run, gateway[0], lookup))) != replicas:
+            if time.monotonic() > deadline:
+                raise Failure(f"the service name resolves to {resolved}, the replicas have {addresses}")
+            time.sleep(1)
         self.run.say(f"  'triton' resolves in the gateway to {resolved}")
-        if sorted(a for v in addresses.values() for a in v) != resolved:
-            raise Failure(f"the service name resolves to {resolved}, the replicas have {addresses}")
         deadline = time.monotonic() + 60
         while True:
             up = self.gateway_replicas()
