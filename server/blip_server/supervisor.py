@@ -88,9 +88,13 @@ class TritonSupervisor:
                 crashes += 1
                 log.error("Triton crashed while starting (status %s): starting it again (%d of %d): %s",
                           self.triton.returncode, crashes, self.max_restarts, str(exc).splitlines()[0])
-                await asyncio.to_thread(self.triton.kill)
-                self.triton.cleanup()
+                await self._discard()
                 await asyncio.sleep(self.backoff(crashes))
+
+    async def _discard(self) -> None:
+        """Kill the Triton that died or failed to start (with its stubs) and remove its working folder."""
+        await asyncio.to_thread(self.triton.kill)
+        self.triton.cleanup()
 
     def _crashed(self) -> bool:
         code = self.triton.returncode if self.triton is not None else None
@@ -139,8 +143,7 @@ class TritonSupervisor:
     async def _restart(self, stop: asyncio.Event, noticed: float) -> None:
         quick = noticed - self._ready_at < self.stable_after
         self._quick_deaths = self._quick_deaths + 1 if quick else 0
-        await asyncio.to_thread(self.triton.kill)
-        self.triton.cleanup()
+        await self._discard()
         stopped = time.monotonic()
         while True:
             if self._quick_deaths > self.max_restarts:
@@ -166,8 +169,7 @@ class TritonSupervisor:
                 # boost::interprocess::lock_exception, an upstream fault of its shared-memory setup.
                 log.error("Triton failed while starting again: %s", str(exc).splitlines()[0])
                 self._quick_deaths += 1
-                await asyncio.to_thread(self.triton.kill)
-                self.triton.cleanup()
+                await self._discard()
         ready = time.monotonic()
         if self.on_up is not None:
             await self.on_up()
